@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything else is set up by them.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+
+.PHONY: install run test lint bench clean test-tools
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch first: any other spec would pull a CUDA build of several GB.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[serve,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/embedq embed producer/samples/sample.jsonl -o out/sample.npy
+	@echo "embeddings: out/sample.npy  manifest: out/sample.npy.manifest.json"
+
+test: install test-tools
+	$(PY) -m pytest -q -p no:cacheprovider
+
+# Debian's chromium (the test that looks at Flower in a browser) and prometheus (the compose test that
+# runs ops/prometheus.yml): installed where we are root (CI); elsewhere those checks skip with a
+# reason, and fail under CI=true.
+test-tools:
+	@command -v chromium >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null; } || \
+		echo "chromium/prometheus not installed: the Flower browser and Prometheus checks will be skipped"
+
+lint: install
+	$(VENV)/bin/ruff check workers producer tests bench
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache
