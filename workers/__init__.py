@@ -1,0 +1,1 @@
+"""embedq workers: the Celery app, the encoder and the result stores."""

@@ -1,0 +1,64 @@
+"""Redis key names shared by workers and producers, and one way to connect with a clear error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from workers.errors import BrokerUnavailable
+
+
+class Keys:
+    """Every Redis key embedq writes, under one prefix so that tests and tenants never collide."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def result(self, job: str, chunk: int) -> str:
+        return f"{self.prefix}:result:{job}:{chunk}"
+
+    def events(self, job: str) -> str:
+        """List of JSON completion events (done, failed) that the producer pops."""
+        return f"{self.prefix}:events:{job}"
+
+    def deliveries(self, job: str) -> str:
+        """Hash chunk -> times a worker started it; caps redelivery after crashes."""
+        return f"{self.prefix}:deliveries:{job}"
+
+    def job(self, job: str) -> str:
+        """Hash of a job's progress, for `embedq status`."""
+        return f"{self.prefix}:job:{job}"
+
+    def jobs(self) -> str:
+        """Sorted set of job ids by start time."""
+        return f"{self.prefix}:jobs"
+
+    def stats(self) -> str:
+        """Hash of worker counters (docs, tokens, ...) for metrics."""
+        return f"{self.prefix}:stats"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ':'}***@{host}"
+
+
+def connect(url: str, *, check: bool = True, **options: Any) -> redis.Redis:
+    """A Redis client for `url` (redis://, rediss:// with TLS, unix://, passwords and ACL users)."""
+    client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5, **options)
+    if check:
+        try:
+            client.ping()
+        except redis.exceptions.AuthenticationError as error:
+            raise BrokerUnavailable(f"Redis at {redact(url)} refused the credentials: {error}") from error
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+            raise BrokerUnavailable(
+                f"cannot reach Redis at {redact(url)} ({error}); start it or pass another --broker"
+            ) from error
+    return client

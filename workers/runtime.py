@@ -1,0 +1,147 @@
+"""The per-process worker context: settings, the loaded encoder and the stores.
+
+Built once per pool child in `worker_process_init` (prefork, fork or spawn; solo), or once in the
+main process for the threads pool. Tasks reach it through `current()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import redis
+
+from workers.config import Settings
+from workers.errors import WorkerNotReady
+from workers.keys import Keys, connect
+from workers.model_info import ModelInfo, resolve_model
+from workers.store import ResultStore, open_store
+
+if TYPE_CHECKING:
+    from workers.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a task needs, built once per process."""
+
+    settings: Settings
+    model: ModelInfo
+    encoder: Encoder
+    coordination: redis.Redis
+    keys: Keys
+    load_s: float
+    threads: int
+    _stores: dict[str, ResultStore] = field(default_factory=dict)
+    _stores_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def store(self, spec: str) -> ResultStore:
+        """The result store a task asked for (`redis` or `disk:PATH`), opened once per process."""
+        with self._stores_lock:
+            if spec not in self._stores:
+                self._stores[spec] = open_store(
+                    spec,
+                    redis_url=self.settings.results_url,
+                    key_prefix=self.settings.key_prefix,
+                    ttl_s=self.settings.result_ttl_s,
+                )
+            return self._stores[spec]
+
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def threads_per_child(settings: Settings, cores: int | None = None) -> int:
+    """torch threads for one child: its share of the cores, so children never oversubscribe them."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, settings.pool_concurrency or settings.concurrency or 1))
+
+
+#: glibc mallopt parameter numbers (malloc.h).
+_M_MMAP_THRESHOLD = -3
+#: Blocks at least this large get their own mmap and go back to the system when freed. Measured on bf16
+#: all-MiniLM-L6-v2, 12 chunks of 512 fortunes, one thread: 128 KiB kept RSS flattest but cost 30% of docs/s
+#: (page faults on every large tensor), 1 MiB 15%; 4 MiB was 25% faster than glibc's dynamic threshold.
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+#: Compiled oneDNN kernels kept per process (its default is 1024, one per batch shape and op).
+ONEDNN_CACHE_CAPACITY = 128
+
+
+def bound_native_memory() -> None:
+    """Keep a long-running child's RSS flat: fix glibc's mmap threshold and bound oneDNN's kernel cache.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
+    activation tensors come from the heap, which fragments as batch shapes change and never shrinks:
+    a bf16 child grew by 1.3 GB over 40 chunks, and `malloc_trim` gave nothing back. A fixed threshold
+    keeps large tensors in their own mappings, returned on free. oneDNN reads its cache capacity on first
+    use, so setting it here, before any forward pass, still counts. A value the user set wins for both
+    (MALLOC_MMAP_THRESHOLD_=131072 keeps RSS flatter still, at 30% of the speed).
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return  # glibc read the user's own value at process start
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        log.info("mallopt unavailable: the mmap threshold stays glibc's default")
+
+
+def init_process(settings: Settings) -> WorkerContext:
+    """Load the model and connect; idempotent within a process."""
+    global _context
+    with _context_lock:
+        if _context is not None:
+            return _context
+        import sys
+        import time
+
+        # True when the worker main process imported the model code before forking us (workers/app.py).
+        inherited = "transformers.models.auto.modeling_auto" in sys.modules
+        from workers.encoder import Encoder, configure_threads
+
+        started = time.monotonic()
+        bound_native_memory()
+        threads = threads_per_child(settings)
+        configure_threads(threads)
+        model = resolve_model(settings.model)
+        encoder = Encoder.load(model, settings.device)
+        load_s = time.monotonic() - started
+        coordination = connect(settings.broker_url)
+        _context = WorkerContext(settings, model, encoder, coordination, Keys(settings.key_prefix), load_s, threads)
+        # For /metrics (embedq_model_load_seconds): how often children load a model and how long it takes.
+        with coordination.pipeline(transaction=False) as pipe:
+            pipe.hincrby(_context.keys.stats(), "model_loads", 1)
+            pipe.hincrby(_context.keys.stats(), "model_load_ms", int(load_s * 1000))
+            pipe.execute()
+        log.warning(
+            "embedq child %d ready: %s, %d torch threads, loaded in %.1f s (%s)",
+            os.getpid(),
+            model.name,
+            threads,
+            load_s,
+            "imports inherited from the worker process" if inherited else "imported here",
+        )
+        return _context
+
+
+def current() -> WorkerContext:
+    """The context of this process; WorkerNotReady if `init_process` never ran here."""
+    if _context is None:
+        raise WorkerNotReady(f"process {os.getpid()} has no model loaded: worker_process_init did not run here")
+    return _context
+
+
+def reset() -> None:
+    """Forget the context (tests only)."""
+    global _context
+    _context = None
