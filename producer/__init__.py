@@ -1,0 +1,1 @@
+"""embedq producer: read corpora, send chunk tasks, collect ordered embeddings. Never imports torch."""

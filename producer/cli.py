@@ -1,0 +1,267 @@
+"""The `embedq` command line: `embed` a corpus, run a `worker`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from producer import exitcodes
+from workers.config import DTYPES, Settings
+from workers.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    EmbedqError,
+    InputError,
+    InsufficientMemory,
+    JobFailed,
+    ModelError,
+    WorkersFailed,
+)
+
+log = logging.getLogger("embedq")
+
+#: Error type -> exit code; the first match wins, so subclasses go first.
+_EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (ConfigError, exitcodes.USAGE),
+    (InputError, exitcodes.INPUT),
+    (BrokerUnavailable, exitcodes.BROKER),
+    (ModelError, exitcodes.MODEL),
+    (InsufficientMemory, exitcodes.MODEL),
+    (JobFailed, exitcodes.JOB_FAILED),
+    (WorkersFailed, exitcodes.WORKERS),
+]
+
+
+def default_workers() -> int:
+    """Pool children for a local job: one per core (measured best on 2 cores; see README, Performance)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _interrupt(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model folder or hub name (default: the packaged all-MiniLM-L6-v2)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="fp32 (exact, default), bf16/fp16 autocast, or auto (bf16 where the hardware has it)",
+    )
+    parser.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward batch")
+
+
+def _settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    settings = Settings.from_env(environ)
+    changes: dict[str, Any] = {}
+    for flag, name in (
+        ("broker", "broker_url"),
+        ("model", "model"),
+        ("dtype", "dtype"),
+        ("batch_tokens", "batch_tokens"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            changes[name] = value
+    return settings.replace(**changes) if changes else settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedq", description="BERT-family embeddings on Celery workers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser("embed", help="embed a corpus file into .npy or .parquet")
+    embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, or - for stdin")
+    embed.add_argument("-o", "--output", required=True, help="OUTPUT.npy or OUTPUT.parquet")
+    _add_model_flags(embed)
+    embed.add_argument(
+        "--broker",
+        default=None,
+        help="redis://… of running workers (default: embedded Valkey and local workers, or EMBEDQ_BROKER_URL when set)",
+    )
+    embed.add_argument("--workers", type=int, default=None, help="local pool children (embedded mode only)")
+    # 512 (measured, README "Performance"): packs short texts to ~1.04x padding (256: 1.06x), its few Redis
+    # round trips cost milliseconds against seconds of compute, and 2 workers still get 3 chunks each of 3,000 texts.
+    embed.add_argument("--chunk-size", type=int, default=512, help="documents per task")
+    embed.add_argument("--max-in-flight", type=int, default=None, help="chunks sent but not yet collected")
+    embed.add_argument("--pooling", choices=("auto", "cls", "mean", "max"), default="auto")
+    embed.add_argument("--max-length", type=int, default=None, help="tokens per text before truncation")
+    embed.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
+    embed.add_argument("--text-field", default="text")
+    embed.add_argument("--id-field", default="id")
+    embed.add_argument("--format", dest="input_format", choices=("auto", "txt", "jsonl", "csv"), default="auto")
+    embed.add_argument(
+        "--on-invalid",
+        choices=("fail", "skip"),
+        default="fail",
+        help="fail: stop at the first invalid record; skip: set it aside in OUTPUT.rejects.jsonl",
+    )
+    embed.add_argument("--results", default="redis", help="where workers leave chunk results: redis or disk:PATH")
+    embed.add_argument(
+        "--pool", choices=("prefork", "solo", "threads"), default="prefork", help="local worker pool (embedded mode)"
+    )
+    embed.add_argument("--start-method", choices=("fork", "spawn"), default=None, help="prefork start method")
+    embed.add_argument(
+        "--stall-timeout", type=float, default=600.0, help="seconds without news before silent chunks are sent again"
+    )
+    embed.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
+    )
+    embed.set_defaults(func=cmd_embed)
+
+    worker = sub.add_parser("worker", help="run a worker (a thin wrapper over `celery -A workers.app worker`)")
+    _add_model_flags(worker)
+    worker.add_argument("--broker", default=None, help="redis://… (default: EMBEDQ_BROKER_URL or local Redis)")
+    worker.add_argument("--concurrency", type=int, default=None, help="pool children (default: one per core)")
+    worker.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork")
+    worker.add_argument("--start-method", choices=("fork", "spawn"), default=None)
+    worker.add_argument("--queues", default="interactive,bulk", help="queues in priority order")
+    worker.add_argument("-n", "--hostname", default=None)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    from producer.cli_serve import add_commands
+
+    add_commands(sub, _settings_from)  # serve, up, status
+    return parser
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from producer.job import Job
+    from producer.job_spec import JobOptions
+    from producer.output import output_kind
+    from producer.readers import detect_format, open_input
+    from workers.model_info import resolve_model
+    from workers.store import parse_store_spec
+
+    settings = _settings_from(args)
+    if args.start_method:
+        settings = settings.replace(pool_start_method=args.start_method)
+    if args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size {args.chunk_size}: must be at least 1")
+    try:
+        output_kind(args.output)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    parse_store_spec(args.results)
+    # Fail fast, before anything starts: the input, the model.
+    detect_format(args.input, args.input_format)
+    if args.input != "-":
+        open_input(args.input).close()
+    model = resolve_model(settings.model, pooling=args.pooling, max_length=args.max_length)
+    embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
+    workers = args.workers or default_workers()
+    options = JobOptions(
+        model=model,
+        normalize=args.normalize,
+        dtype=settings.dtype,
+        batch_tokens=args.batch_tokens,
+        results=args.results,
+        chunk_rows=args.chunk_size,
+        max_in_flight=args.max_in_flight or max(4, 2 * workers + 2),
+        text_field=args.text_field,
+        id_field=args.id_field,
+        input_format=args.input_format,
+        on_invalid=args.on_invalid,
+        stall_timeout_s=args.stall_timeout,
+    )
+    say = _say
+    if embedded:
+        from producer.local_cluster import LocalCluster
+
+        say(f"starting an embedded Valkey and {workers} local worker{'s' if workers > 1 else ''} ({args.pool})")
+        with LocalCluster(
+            settings.replace(model=model.path if model.is_local else settings.model),
+            concurrency=workers,
+            pool=args.pool,
+        ) as cluster:
+            job = Job(
+                args.input,
+                args.output,
+                options,
+                settings.replace(broker_url=cluster.broker_url),
+                progress=args.progress,
+                on_idle=cluster.check_alive,
+            )
+            report = job.run()
+    else:
+        job = Job(args.input, args.output, options, settings, progress=args.progress)
+        report = job.run()
+    _summary(report, args.output)
+    return exitcodes.OK
+
+
+def _say(line: str) -> None:
+    print(f"embedq: {line}", file=sys.stderr, flush=True)
+
+
+def _summary(report: Any, output: str) -> None:
+    reused = f", {report.reused_chunks} chunks reused from an earlier run" if report.reused_chunks else ""
+    print(
+        f"embedq: {report.rows} docs in {report.wall_s:.1f} s ({report.docs_per_s:.1f} docs/s), "
+        f"{report.truncated} truncated, {report.rejected} rejected{reused} -> {output} "
+        f"(manifest {output}.manifest.json)",
+        flush=True,
+    )
+
+
+def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str], dict[str, str], str]:
+    """The celery command, its environment, and the one line saying what was chosen."""
+    from producer.local_cluster import worker_command
+    from workers.runtime import threads_per_child
+
+    pool = args.pool
+    concurrency = 1 if pool == "solo" else (args.concurrency or settings.concurrency or default_workers())
+    chosen = settings.replace(pool=pool, concurrency=concurrency)
+    if args.start_method:
+        chosen = chosen.replace(pool_start_method=args.start_method)
+    threads = threads_per_child(chosen.replace(pool_concurrency=1 if pool == "threads" else concurrency))
+    command = worker_command(concurrency, pool, hostname=args.hostname or "embedq@%h", loglevel=args.loglevel)
+    command[command.index("-Q") + 1] = args.queues
+    env = {**os.environ, **chosen.to_env()}
+    line = (
+        f"worker: pool {pool}{' (' + chosen.pool_start_method + ')' if pool == 'prefork' else ''}, "
+        f"{concurrency} {'threads' if pool == 'threads' else 'children'} x {threads} torch threads, "
+        f"dtype {chosen.dtype}, broker {chosen.broker_url.split('@')[-1]}"
+    )
+    return command, env, line
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    command, env, line = worker_argv(args, settings)
+    _say(line)
+    os.execve(command[0], command, env)  # become celery: signals and exit codes are celery's own
+    return exitcodes.OK  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="embedq: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        _say("interrupted; stopped everything this command started")
+        return exitcodes.INTERRUPTED
+    except EmbedqError as error:
+        _say(f"error: {error}")
+        return next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), exitcodes.JOB_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The serving and operating subcommands of `embedq`: `serve`, `up` and `status`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from producer import exitcodes
+from workers.config import Settings
+from workers.errors import ConfigError
+
+SettingsFrom = Callable[[argparse.Namespace], Settings]
+
+
+def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
+    """Register `serve`, `up` and `status` on the `embedq` subparsers."""
+    serve = sub.add_parser("serve", help="HTTP gateway: OpenAI-compatible POST /v1/embeddings for web apps")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--broker", default=None, help="redis://… of the workers (default: EMBEDQ_BROKER_URL or local)")
+    serve.add_argument("--model", default=None, help="the model the workers serve (default: the packaged MiniLM)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EMBEDQ_API_KEY)")
+    serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request; more gets 413")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="request body size; more gets 413")
+    serve.add_argument("--max-queue", type=int, default=1000, help="interactive queue length beyond which 429")
+    serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request waits for workers (then 504)")
+    serve.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cache embeddings of repeated texts in Redis",
+    )
+    serve.add_argument("--cache-ttl", type=int, default=24 * 3600, help="seconds a cached embedding lives")
+    serve.set_defaults(func=lambda args: cmd_serve(args, settings_from(args)))
+
+    up = sub.add_parser("up", help="run Valkey, workers, Flower and the gateway on this machine until Ctrl-C")
+    up.add_argument("--broker", default=None, help="use this Redis instead of an embedded Valkey")
+    up.add_argument("--workers", type=int, default=None, help="pool children (default: one per core)")
+    up.add_argument(
+        "--interactive-workers",
+        type=int,
+        default=1,
+        help="extra pool children that serve only interactive requests (0: none)",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="address Flower and the gateway listen on")
+    up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument("--flower-port", type=int, default=5555)
+    up.add_argument("--model", default=None)
+    up.set_defaults(func=lambda args: cmd_up(args, settings_from(args)))
+
+    status = sub.add_parser("status", help="progress of running and finished corpus jobs")
+    status.add_argument("job", nargs="?", default=None, help="one job id (default: the 20 most recent)")
+    status.add_argument("--broker", default=None, help="redis://… the jobs ran against (default: EMBEDQ_BROKER_URL)")
+    status.set_defaults(func=lambda args: cmd_status(args, settings_from(args)))
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from producer.gateway import GatewayOptions, serve
+    except ImportError as error:
+        raise ConfigError(
+            f"embedq serve needs the [serve] extra ({error.name} is missing): pip install 'embedq[serve]'"
+        ) from None
+    from workers.keys import connect, redact
+
+    if args.api_key:
+        settings = settings.replace(api_key=args.api_key)
+    if args.max_inputs < 1 or args.max_body_mb <= 0 or args.max_queue < 1 or args.timeout <= 0:
+        raise ConfigError("--max-inputs, --max-body-mb, --max-queue and --timeout must be positive")
+    connect(settings.broker_url).close()  # fail fast with exit code 4 when the broker is not there
+    options = GatewayOptions(
+        max_inputs=args.max_inputs,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        cache=args.cache,
+        cache_ttl_s=args.cache_ttl,
+    )
+    print(
+        f"embedq: gateway on http://{args.host}:{args.port} for workers at {redact(settings.broker_url)}"
+        f"{' (API key required)' if settings.api_key else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(settings, args.host, args.port, options)
+    return exitcodes.OK
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.up import run_up
+
+    workers = args.workers or max(1, len(os.sched_getaffinity(0)))
+    embedded = args.broker is None
+    if not embedded:
+        from workers.keys import connect
+
+        connect(settings.broker_url).close()
+    return run_up(
+        settings,
+        embedded=embedded,
+        workers=workers,
+        host=args.host,
+        port=args.port,
+        flower_port=args.flower_port,
+        reserved=args.interactive_workers,
+    )
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.status import read_jobs, render
+    from workers.keys import Keys, connect
+
+    client = connect(settings.broker_url)
+    statuses = read_jobs(client, Keys(settings.key_prefix), args.job)
+    if args.job and not statuses:
+        print(
+            f"embedq: no job {args.job!r} at {settings.broker_url.split('@')[-1]} "
+            f"(prefix {settings.key_prefix!r}); run `embedq status` to list jobs",
+            file=sys.stderr,
+        )
+        return exitcodes.USAGE
+    if not statuses:
+        print("no jobs recorded on this broker yet")
+        return exitcodes.OK
+    print(render(statuses))
+    return exitcodes.OK

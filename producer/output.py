@@ -1,0 +1,191 @@
+"""Output files: rows written at their offset as chunks arrive, made final only when the job is complete.
+
+While a job runs, everything lives under `OUTPUT.partial*` names:
+- `OUTPUT.partial`      the float32 rows, after a header slot of fixed size, at offset row * dim * 4;
+- `OUTPUT.partial.log`  one JSON line per finished chunk (what a rerun of the same job reuses);
+- `OUTPUT.partial.ids`  the ids of valid records, in row order.
+`finish()` writes the real .npy header (or the Parquet file), the manifest, and renames: an
+`OUTPUT` file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+HEADER_BYTES = 128  # an .npy v1.0 header for a 2-D float32 array always fits in 128 bytes
+_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def npy_header(rows: int, dim: int) -> bytes:
+    """An .npy v1.0 header for a C-ordered float32 (rows, dim) array, padded to HEADER_BYTES."""
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
+    body_len = HEADER_BYTES - len(_MAGIC) - 2
+    body = text.ljust(body_len - 1) + "\n"
+    return _MAGIC + body_len.to_bytes(2, "little") + body.encode("latin1")
+
+
+def output_kind(path: str) -> str:
+    if path.endswith(".npy"):
+        return "npy"
+    if path.endswith(".parquet"):
+        return "parquet"
+    raise ValueError(f"output {path!r}: name it .npy or .parquet")
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """A finished chunk as the resume log keeps it."""
+
+    chunk: int
+    start: int
+    rows: int
+    tokens: int
+    padded_tokens: int
+    truncated: int
+    dtype: str
+
+
+class PartialOutput:
+    """The files of one job in progress, and what a previous run of the same job already finished."""
+
+    def __init__(self, output: str, dim: int, job_id: str) -> None:
+        self.output = Path(output)
+        self.kind = output_kind(output)
+        self.dim = dim
+        self.job_id = job_id
+        self.data_path = Path(f"{output}.partial")
+        self.log_path = Path(f"{output}.partial.log")
+        self.ids_path = Path(f"{output}.partial.ids")
+        self.rejects_path = Path(f"{output}.rejects.jsonl.partial")
+        self.manifest_path = Path(f"{output}.manifest.json")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.finished: dict[int, ChunkRecord] = self._read_log()
+        if not self.finished:
+            self._start_fresh()
+        self._data = open(self.data_path, "r+b")  # noqa: SIM115 - closed in close()
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+        # Ids and rejects are rebuilt from the input on every run, so they always match the rows.
+        self._ids: IO[str] = open(self.ids_path, "w", encoding="utf-8")  # noqa: SIM115
+        self._rejects: IO[str] | None = None
+
+    def _read_log(self) -> dict[int, ChunkRecord]:
+        if not (self.log_path.exists() and self.data_path.exists()):
+            return {}
+        with open(self.log_path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        try:
+            header = json.loads(lines[0])
+        except (IndexError, ValueError):
+            return {}
+        if header.get("job") != self.job_id or header.get("dim") != self.dim:
+            return {}  # a different job wrote these files: start over
+        finished: dict[int, ChunkRecord] = {}
+        for line in lines[1:]:
+            try:
+                record = ChunkRecord(**json.loads(line))
+            except (ValueError, TypeError):
+                break  # a line cut short by a crash: everything before it is sound
+            finished[record.chunk] = record
+        return finished
+
+    def _start_fresh(self) -> None:
+        with open(self.data_path, "wb") as data:
+            data.write(b"\0" * HEADER_BYTES)
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            log.write(json.dumps({"job": self.job_id, "dim": self.dim}) + "\n")
+
+    def add_id(self, record_id: str) -> None:
+        self._ids.write(json.dumps(record_id, ensure_ascii=False) + "\n")
+
+    def add_reject(self, source: str, line: int, reason: str, raw: str) -> None:
+        if self._rejects is None:
+            self._rejects = open(self.rejects_path, "w", encoding="utf-8")  # noqa: SIM115
+        entry = {"source": source, "line": line, "reason": reason, "record": raw}
+        self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def write_chunk(self, record: ChunkRecord, array: np.ndarray) -> None:
+        """Write rows at their offset, make them durable, then log the chunk as finished."""
+        if array.shape != (record.rows, self.dim):
+            raise ValueError(f"chunk {record.chunk}: expected {(record.rows, self.dim)} rows, got {array.shape}")
+        self._data.seek(HEADER_BYTES + record.start * self.dim * 4)
+        self._data.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+        self._data.flush()
+        os.fdatasync(self._data.fileno())
+        self._log.write(json.dumps(record.__dict__) + "\n")
+        self._log.flush()
+        self.finished[record.chunk] = record
+
+    def close(self) -> None:
+        for handle in (self._data, self._log, self._ids, self._rejects):
+            if handle is not None and not handle.closed:
+                handle.close()
+
+    def _ids_iter(self) -> Iterator[str]:
+        with open(self.ids_path, encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+    def finish(self, rows: int, manifest: dict[str, Any]) -> None:
+        """Make the output final: header or Parquet, manifest, renames; then drop the partial files."""
+        self.close()
+        expected = HEADER_BYTES + rows * self.dim * 4
+        with open(self.data_path, "r+b") as data:
+            data.truncate(expected)
+            data.seek(0)
+            data.write(npy_header(rows, self.dim))
+            data.flush()
+            os.fsync(data.fileno())
+        self._write_manifest(manifest)
+        if self.rejects_path.exists():
+            os.replace(self.rejects_path, str(self.output) + ".rejects.jsonl")
+        else:
+            Path(str(self.output) + ".rejects.jsonl").unlink(missing_ok=True)
+        if self.kind == "npy":
+            os.replace(self.data_path, self.output)
+        else:
+            self._write_parquet(rows)
+            self.data_path.unlink()
+        self.log_path.unlink(missing_ok=True)
+        self.ids_path.unlink(missing_ok=True)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        temp = self.manifest_path.with_suffix(".json.partial")
+        head = json.dumps(manifest, indent=2, ensure_ascii=False)
+        with open(temp, "w", encoding="utf-8") as handle:
+            # Ids are streamed from disk: the producer never holds all of them in memory.
+            handle.write(head[:-2] + ',\n  "ids": [')
+            for index, record_id in enumerate(self._ids_iter()):
+                handle.write(("," if index else "") + json.dumps(record_id, ensure_ascii=False))
+            handle.write("]\n}\n")
+        os.replace(temp, self.manifest_path)
+
+    def _write_parquet(self, rows: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        matrix = np.memmap(self.data_path, dtype="<f4", mode="r", offset=HEADER_BYTES, shape=(rows, self.dim))
+        schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), self.dim))])
+        temp = Path(str(self.output) + ".tmp")
+        ids = self._ids_iter()
+        with pq.ParquetWriter(temp, schema) as writer:
+            for start in range(0, rows, 65536):
+                block = np.asarray(matrix[start : start + 65536])
+                block_ids = [next(ids) for _ in range(block.shape[0])]
+                values = pa.array(block.reshape(-1), type=pa.float32())
+                column = pa.FixedSizeListArray.from_arrays(values, self.dim)
+                writer.write_table(pa.Table.from_arrays([pa.array(block_ids, pa.string()), column], schema=schema))
+        del matrix
+        os.replace(temp, self.output)
+
+    def discard(self) -> None:
+        """Remove every partial file (used when a job is abandoned before any chunk finished)."""
+        self.close()
+        for path in (self.data_path, self.log_path, self.ids_path, self.rejects_path):
+            path.unlink(missing_ok=True)

@@ -1,0 +1,104 @@
+"""`embedq status [JOB]`: progress of running and finished corpus jobs, read from the broker.
+
+Each job keeps a hash (`Keys.job`) that producer/job.py updates as chunks are sent and collected,
+and the sorted set `Keys.jobs()` orders jobs by start time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+
+from workers.keys import Keys
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job's progress, in the units an operator asks about."""
+
+    job: str
+    state: str
+    input: str
+    done_chunks: int
+    total_chunks: int | None
+    docs_done: int
+    docs_total: int | None
+    failures: int
+    elapsed_s: float
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.state != "running" or not self.docs_total or self.docs_per_s <= 0:
+            return None
+        return max(0.0, (self.docs_total - self.docs_done) / self.docs_per_s)
+
+
+def _int(fields: dict[str, str], name: str) -> int:
+    try:
+        return int(float(fields.get(name, 0) or 0))
+    except ValueError:
+        return 0
+
+
+def job_status(job: str, fields: dict[str, str], now: float | None = None) -> JobStatus:
+    """Progress from a job hash; totals of a running job are estimated from the input's line count."""
+    now = time.time() if now is None else now
+    state = fields.get("state", "unknown")
+    chunk_rows = _int(fields, "chunk_rows")
+    done = _int(fields, "done_chunks")
+    if state in ("done", "failed") and "chunks" in fields:
+        total_chunks: int | None = _int(fields, "chunks")
+        docs_total: int | None = _int(fields, "rows")
+        docs_done = (docs_total or 0) if state == "done" else min(docs_total or 0, done * chunk_rows)
+        elapsed = float(fields.get("wall_s", 0) or 0)
+    else:
+        hint = _int(fields, "total_hint")
+        docs_total = hint or None
+        total_chunks = math.ceil(hint / chunk_rows) if hint and chunk_rows else None
+        docs_done = done * chunk_rows if chunk_rows else 0
+        if docs_total is not None:
+            docs_done = min(docs_done, docs_total)
+        elapsed = max(0.0, now - float(fields.get("started", now) or now))
+    failures = max(_int(fields, "failed_chunks"), _int(fields, "failures"))
+    return JobStatus(job, state, fields.get("input", "?"), done, total_chunks, docs_done, docs_total, failures, elapsed)
+
+
+def read_jobs(client: redis.Redis, keys: Keys, job: str | None = None, limit: int = 20) -> list[JobStatus]:
+    """The named job, or the `limit` most recent ones (newest first)."""
+    ids = [job] if job else [raw.decode() for raw in cast(list[bytes], client.zrevrange(keys.jobs(), 0, limit - 1))]
+    found = []
+    for job_id in ids:
+        raw = cast(dict[bytes, bytes], client.hgetall(keys.job(job_id)))
+        if raw:
+            found.append(job_status(job_id, {k.decode(): v.decode() for k, v in raw.items()}))
+    return found
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def render(statuses: list[JobStatus]) -> str:
+    """A fixed-width table: job, state, chunks done/total, docs, docs/s, ETA, failures, input."""
+    header = f"{'JOB':<16}  {'STATE':<8}  {'CHUNKS':>11}  {'DOCS':>15}  {'DOCS/S':>8}  {'ETA':>7}  {'FAILED':>6}  INPUT"
+    lines = [header]
+    for s in statuses:
+        chunks = f"{s.done_chunks}/{s.total_chunks if s.total_chunks is not None else '?'}"
+        docs = f"{s.docs_done}/{s.docs_total if s.docs_total is not None else '?'}"
+        lines.append(
+            f"{s.job:<16}  {s.state:<8}  {chunks:>11}  {docs:>15}  {s.docs_per_s:>8.1f}  "
+            f"{_eta(s.eta_s):>7}  {s.failures:>6}  {s.input}"
+        )
+    return "\n".join(lines)

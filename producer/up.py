@@ -1,0 +1,158 @@
+"""`embedq up`: the whole stack on one machine (Valkey, workers, Flower, gateway) until Ctrl-C.
+
+Every process is started with PR_SET_PDEATHSIG in its own process group (see local_cluster.py), so
+Ctrl-C, SIGTERM or even a SIGKILL of `embedq up` leaves nothing running behind it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from producer.embedded_redis import EmbeddedRedis
+from producer.local_cluster import start_process, stop_process, worker_command
+from workers.config import Settings
+from workers.errors import WorkersFailed
+from workers.keys import redact
+
+
+@dataclass
+class Service:
+    """One started process and where its output goes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def last_line(self) -> str:
+        text = self.log_path.read_text(errors="replace").strip() if self.log_path.exists() else ""
+        return text.splitlines()[-1] if text else "(no output)"
+
+
+def interactive_worker(settings: Settings, children: int, hostname: str) -> tuple[list[str], dict[str, str]]:
+    """A worker that consumes only `interactive`: capacity no bulk chunk can occupy.
+
+    Priority alone makes a request wait for the bulk chunk a child is running (seconds on a busy CPU);
+    a reserved child answers at once. It sleeps between requests and uses one torch thread, so it
+    costs a model's memory, not cores.
+    """
+    command = worker_command(children, hostname=hostname, loglevel="INFO")
+    command[command.index("-Q") + 1] = "interactive"
+    env = {
+        **os.environ,
+        **settings.replace(torch_threads=1).to_env(),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+    return command, env
+
+
+def flower_command(host: str, port: int) -> list[str]:
+    """Flower on the workers' own app: it sees their queues, events and key prefix."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--address={host}", f"--port={port}"]
+
+
+def gateway_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "producer.cli", "serve", "--host", host, "--port", str(port)]
+
+
+class Stack:
+    """Starts and stops the services of `embedq up`; `stop()` is safe to call at any point."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        embedded: bool,
+        workers: int,
+        host: str,
+        port: int,
+        flower_port: int,
+        reserved: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.embedded = embedded
+        self.workers = workers
+        self.reserved = reserved
+        self.host = host
+        self.port = port
+        self.flower_port = flower_port
+        self.folder = Path(tempfile.mkdtemp(prefix="embedq-up-"))
+        self.server: EmbeddedRedis | None = None
+        self.services: list[Service] = []
+
+    def start(self) -> dict[str, str]:
+        """Start everything; returns what runs where."""
+        broker_url = self.settings.broker_url
+        if self.embedded:
+            self.server = EmbeddedRedis(self.folder / "valkey").start()
+            broker_url = self.server.url
+        settings = self.settings.replace(broker_url=broker_url)
+        env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        commands = {
+            "worker": worker_command(self.workers, hostname=f"embedq-up-{os.getpid()}@%h", loglevel="INFO"),
+            "flower": flower_command(self.host, self.flower_port),
+            "gateway": gateway_command(self.host, self.port),
+        }
+        for name, command in commands.items():
+            log_path = self.folder / f"{name}.log"
+            self.services.append(Service(name, start_process(command, env=env, log_path=log_path), log_path))
+        if self.reserved:
+            command, lane_env = interactive_worker(settings, self.reserved, f"embedq-up-interactive-{os.getpid()}@%h")
+            log_path = self.folder / "interactive-worker.log"
+            self.services.insert(
+                0, Service("interactive worker", start_process(command, env=lane_env, log_path=log_path), log_path)
+            )
+        return {
+            "broker": redact(broker_url) + (" (embedded Valkey)" if self.embedded else ""),
+            "workers": f"{self.workers} pool children, {self.reserved} reserved for interactive requests "
+            f"(logs in {self.folder})",
+            "flower": f"http://{self.host}:{self.flower_port}",
+            "gateway": f"http://{self.host}:{self.port}  (POST /v1/embeddings, GET /health, GET /metrics)",
+        }
+
+    def check_alive(self) -> None:
+        """WorkersFailed naming the first service that exited on its own, with its last words."""
+        for service in self.services:
+            if service.process.poll() is not None:
+                raise WorkersFailed(
+                    f"{service.name} exited with code {service.process.returncode}: "
+                    f"{service.last_line()} (log {service.log_path})"
+                )
+
+    def stop(self) -> None:
+        # The gateway and Flower first, so that nothing new reaches workers while they finish.
+        for service in reversed(self.services):
+            stop_process(service.process, timeout_s=10)
+        self.services.clear()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_up(
+    settings: Settings, *, embedded: bool, workers: int, host: str, port: int, flower_port: int, reserved: int = 1
+) -> int:
+    """Start the stack, print where everything is, and wait for Ctrl-C/SIGTERM (KeyboardInterrupt)."""
+    # Ctrl-C must stop the stack even when started from a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stack = Stack(
+        settings, embedded=embedded, workers=workers, host=host, port=port, flower_port=flower_port, reserved=reserved
+    )
+    try:
+        where = stack.start()
+        for name, place in where.items():
+            print(f"embedq up: {name:<8} {place}", flush=True)
+        print("embedq up: Ctrl-C stops everything", flush=True)
+        while True:
+            stack.check_alive()
+            time.sleep(0.5)
+    finally:
+        stack.stop()
