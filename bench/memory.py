@@ -1,0 +1,135 @@
+"""Worker memory over a long job: RSS of every pool child, sampled while N chunks of real text run.
+
+    .venv/bin/python bench/memory.py [--chunks 150] [--chunk-size 512] [--dtype bf16] [--env NAME=VALUE ...]
+
+Starts its own Valkey and one `embedq worker` (default children and threads; `--env` adds variables to
+the worker's environment, e.g. `--env EMBEDQ_MAX_CHILD_MEMORY_MB=0` or `--env MALLOC_ARENA_MAX=2`),
+runs `embedq embed --broker` on chunks x chunk-size fortunes, and prints one line per sample (seconds,
+chunks done, RSS MB of each child) and a summary: RSS after the first chunk, at the end and at most,
+per child, docs/s, and how many models were loaded (more than the children means a child was recycled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.corpus import make_corpus  # noqa: E402
+from producer.embedded_redis import EmbeddedRedis  # noqa: E402
+from producer.local_cluster import start_process, stop_process  # noqa: E402
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set of one process in MB (shared pages included), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+class Sampler(threading.Thread):
+    """Every `interval_s`: chunks done so far and the RSS of each pool child of `worker_pid`."""
+
+    def __init__(self, worker_pid: int, client: redis.Redis, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        self.worker_pid = worker_pid
+        self.client = client
+        self.interval_s = interval_s
+        self.started = time.monotonic()
+        self.samples: list[tuple[float, int, dict[int, float]]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            done = int(self.client.hget("embedq:stats", "chunks_done") or 0)
+            sizes = {pid: size for pid in children(self.worker_pid) if (size := rss_mb(pid)) is not None}
+            sample = (time.monotonic() - self.started, done, sizes)
+            self.samples.append(sample)
+            cells = "  ".join(f"{pid}:{size:,.0f}" for pid, size in sorted(sizes.items()))
+            print(f"{sample[0]:7.1f} s  chunks {done:4d}  RSS MB {cells}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", type=int, default=150)
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--concurrency", type=int, default=None, help="pool children (default: one per core)")
+    parser.add_argument("--interval-s", type=float, default=5.0)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra worker variable")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedq-bench")
+    args = parser.parse_args()
+
+    corpus = make_corpus(args.cache, args.chunks * args.chunk_size)
+    work = Path(tempfile.mkdtemp(prefix="memory-", dir=args.cache))
+    env = {k: v for k, v in os.environ.items() if k != "EMBEDQ_BROKER_URL"}
+    env |= {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env |= dict(item.split("=", 1) for item in args.env)
+    server = EmbeddedRedis(work / "valkey").start()
+    worker = None
+    try:
+        client = redis.Redis.from_url(server.url)
+        argv = [sys.executable, "-m", "producer.cli", "worker", "--broker", server.url, "--loglevel", "WARNING"]
+        if args.concurrency:
+            argv += ["--concurrency", str(args.concurrency)]
+        worker = start_process(argv, env=env, log_path=work / "worker.log")
+        embed = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(work / "out.npy")]
+        embed += ["--broker", server.url, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size), "--no-progress"]
+        print(f"memory: {args.chunks} chunks x {args.chunk_size} fortunes, {args.dtype}, worker env {args.env}")
+        sampler = Sampler(worker.pid, client, args.interval_s)
+        sampler.start()
+        started = time.monotonic()
+        finished = start_process(embed, env=env, log_path=work / "embed.log").wait()
+        wall_s = time.monotonic() - started
+        sampler.stopping.set()
+        sampler.join()
+        if finished != 0:
+            raise SystemExit(f"memory: embed failed (exit {finished}); see {work}/embed.log and {work}/worker.log")
+        summarise(
+            sampler.samples,
+            args.chunks * args.chunk_size / wall_s,
+            int(client.hget("embedq:stats", "model_loads") or 0),
+        )
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        server.stop()
+
+
+def summarise(samples: list[tuple[float, int, dict[int, float]]], docs_s: float, model_loads: int) -> None:
+    """Per child: RSS at the first sample after a chunk finished, at the end, and its peak."""
+    pids = sorted({pid for _, _, sizes in samples for pid in sizes})
+    print(f"\ndocs/s {docs_s:,.1f} (start-up included); model loads {model_loads}")
+    for pid in pids:
+        seen = [(done, sizes[pid]) for _, done, sizes in samples if pid in sizes]
+        warm = next((size for done, size in seen if done > 0), seen[0][1])
+        print(
+            f"child {pid}: after first chunk {warm:,.0f} MB, at end {seen[-1][1]:,.0f} MB, "
+            f"peak {max(size for _, size in seen):,.0f} MB over {seen[-1][0]} chunks done in all"
+        )
+
+
+if __name__ == "__main__":
+    main()
