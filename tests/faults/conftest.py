@@ -1,0 +1,191 @@
+"""Fixtures for the fault suite: short delivery timeouts, a tiny model, producers that can be SIGKILLed.
+
+Every fault test runs real processes (valkey-server, `celery -A workers.app worker`, `python -m
+producer.cli embed`) and real signals; nothing here is mocked. The timeouts are shortened so that
+a redelivery takes seconds instead of an hour, keeping the time limits below the visibility timeout
+as embedq requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producer.embedded_redis import EmbeddedRedis
+from tests.conftest import ROOT, Broker, WorkerProcess, wait_until, write_texts_jsonl
+
+#: Redis gives an unacked message back after this long; time limits stay below it.
+VISIBILITY_S = 5.0
+FAULT_SETTINGS: dict[str, object] = {
+    "visibility_timeout_s": VISIBILITY_S,
+    "task_time_limit_s": 4.0,
+    "task_soft_time_limit_s": 3.5,
+}
+TEXTS = [f"fault test document {i}: {'lorem ipsum ' * (i % 7)}dolor" for i in range(32)]
+CHUNK = 4  # 8 chunks of 4 rows
+
+
+@pytest.fixture
+def fault_broker(valkey: EmbeddedRedis) -> Iterator[Broker]:
+    """The session's embedded Valkey with a key prefix of this test's own (never the machine's Redis:
+    fault tests are about embedq's behaviour, and running each twice would not fit the time budget)."""
+    result = Broker(valkey.url, f"f{uuid.uuid4().hex[:10]}", "valkey")
+    yield result
+    result.cleanup()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A private Valkey with AOF on (fsync always), for tests that kill and restart the server."""
+    server = EmbeddedRedis(tmp_path / "valkey", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_bert: Path) -> np.ndarray:
+    """TEXTS embedded in-process by the tiny model: what every faulty run must still produce."""
+    from workers.encoder import Encoder
+    from workers.model_info import resolve_model
+
+    return Encoder.load(resolve_model(str(tiny_bert)), "cpu").encode(TEXTS).embeddings
+
+
+def write_corpus(path: Path, texts: list[str] = TEXTS) -> Path:
+    return write_texts_jsonl(path, texts)
+
+
+def worker_env(broker: Broker, tiny_bert: Path, *, delay_s: float = 0.0, **changes: object) -> dict[str, str]:
+    env = broker.env(model=str(tiny_bert), **{**FAULT_SETTINGS, **changes})
+    if delay_s:
+        env["EMBEDQ_TEST_CHUNK_DELAY_S"] = str(delay_s)
+    return env
+
+
+def wait_ready(worker: WorkerProcess, children: int = 1, timeout_s: float = 60.0) -> None:
+    """Until `children` pool children have loaded the model (they log 'ready:')."""
+    assert wait_until(lambda: worker.log().count("ready:") >= children, timeout_s), worker.log()[-3000:]
+
+
+def succeeded(*logs: str) -> Counter[str]:
+    """Task id -> times a worker logged it as succeeded."""
+    return Counter(m for log in logs for m in re.findall(r"embedq\.embed_chunk\[([^\]]+)\] succeeded", log))
+
+
+def received(log: str) -> list[str]:
+    """Task ids a worker received, in order."""
+    return re.findall(r"embedq\.embed_chunk\[([^\]]+)\] received", log)
+
+
+def chunk_of(task_id: str) -> int:
+    """Task ids read `job-chunk-attempt` (producer/broker.py)."""
+    return int(task_id.rsplit("-", 2)[1])
+
+
+def deliveries(broker: Broker) -> dict[int, int]:
+    """Chunk -> starts so far, summed over the fields of every deliveries hash under this prefix."""
+    client = broker.client()
+    try:
+        totals: Counter[int] = Counter()
+        for key in client.scan_iter(match=f"{broker.prefix}:deliveries:*"):
+            for name, count in client.hgetall(key).items():
+                totals[int(name.decode().split(":", 1)[0])] += int(count)
+        return dict(totals)
+    finally:
+        client.close()
+
+
+@dataclass
+class ProducerProcess:
+    """`embedq embed` running in the background, so that a test can signal it mid-job."""
+
+    process: subprocess.Popen[str]
+    out_path: Path
+    err_path: Path
+
+    def wait(self, timeout_s: float = 120.0) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+
+@dataclass
+class ProducerFactory:
+    tmp_path: Path
+    started: list[ProducerProcess] = field(default_factory=list)
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> ProducerProcess:
+        n = len(self.started)
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")},
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
+        out, err = self.tmp_path / f"producer-{n}.out", self.tmp_path / f"producer-{n}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "producer.cli", *args],
+                env=full_env,
+                text=True,
+                stdout=stdout,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+            )
+        producer = ProducerProcess(process, out, err)
+        self.started.append(producer)
+        return producer
+
+    def stop_all(self) -> None:
+        for producer in self.started:
+            if producer.process.poll() is None:
+                producer.process.send_signal(signal.SIGKILL)
+                producer.process.wait(timeout=10)
+
+
+@pytest.fixture
+def producers(tmp_path: Path) -> Iterator[ProducerFactory]:
+    factory = ProducerFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+def embed_args(corpus: Path, out: Path, broker_url: str, tiny_bert: Path, *extra: str) -> list[str]:
+    return [
+        "embed",
+        str(corpus),
+        "-o",
+        str(out),
+        "--broker",
+        broker_url,
+        "--model",
+        str(tiny_bert),
+        "--chunk-size",
+        str(CHUNK),
+        *extra,
+    ]
+
+
+def assert_same_output(out: Path, reference: np.ndarray) -> None:
+    """The output a clean run gives: every row once, in order, equal to the in-process reference."""
+    matrix = np.load(out)
+    assert matrix.shape == reference.shape
+    np.testing.assert_allclose(matrix, reference, atol=1e-5)
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    assert manifest["ids"] == [f"doc-{i}" for i in range(reference.shape[0])]
+    assert not list(out.parent.glob(out.name + ".partial*"))

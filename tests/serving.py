@@ -1,0 +1,100 @@
+"""Helpers for the serving tests: a real worker and real gateway processes on the embedded Valkey."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.embedded_redis import free_port
+from producer.local_cluster import start_process, stop_process, worker_command
+from tests.conftest import ROOT, wait_until
+from workers.config import Settings
+
+
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None
+) -> tuple[int, Any]:
+    """(status, parsed JSON or text) of one HTTP request; never raises on 4xx/5xx."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, text = int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = int(error.code), error.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def responds(url: str) -> bool:
+    """True once anything answers HTTP at `url` (whatever the status)."""
+    try:
+        return http("GET", url)[0] > 0
+    except OSError:
+        return False
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_") or k.startswith("EMBEDQ_TEST")}
+    return {**inherited, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
+
+
+@dataclass
+class Fleet:
+    """Workers and gateways on one broker and key prefix; `stop()` ends every process it started."""
+
+    broker_url: str
+    model: Path
+    folder: Path
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(broker_url=self.broker_url, key_prefix=self.prefix, model=str(self.model))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return python_env(**{**self.settings.to_env(), **extra})
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> Path:
+        log = self.folder / f"{name}-{len(self.processes)}.log"
+        self.processes.append(start_process(argv, env=env, log_path=log))
+        self.logs.append(log)
+        return log
+
+    def start_worker(self, concurrency: int = 1) -> Path:
+        command = worker_command(concurrency, hostname=f"serve-{uuid.uuid4().hex[:6]}@test", loglevel="INFO")
+        log = self._start("worker", command, self.env())
+        assert wait_until(lambda: log.read_text(errors="replace").count("ready:") >= concurrency, 120), log.read_text()
+        return log
+
+    def start_gateway(self, *flags: str, prefix: str | None = None) -> str:
+        port = free_port()
+        argv = [sys.executable, "-m", "producer.cli", "serve", "--port", str(port), *flags]
+        env = self.env(**({"EMBEDQ_KEY_PREFIX": prefix} if prefix else {}))
+        log = self._start("gateway", argv, env)
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: responds(f"{base}/v1/models") or self.processes[-1].poll() is not None, 60)
+        assert self.processes[-1].poll() is None, log.read_text()
+        return base
+
+    def output(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in self.logs)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop_process(process, timeout_s=10)
+        self.processes.clear()
