@@ -5,12 +5,14 @@ Run workers with `embedq worker` or plainly `celery -A workers.app worker`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ log = logging.getLogger("embedq.worker")
 
 #: Exit code of a worker that refused to start (bad model, not enough memory); see producer/exitcodes.py.
 EXIT_WORKER_CONFIG = 78
+#: How long past the hard time limit a warm shutdown may take before the worker is deemed stuck.
+SHUTDOWN_GRACE_S = 10.0
 #: Not an EMBEDQ_* setting: the worker main process's pid, inherited by fork and spawn children alike.
 _MAIN_PID_VAR = "_EMBEDQ_WORKER_MAIN_PID"
 
@@ -159,9 +163,59 @@ def _stop_worker(message: str) -> None:
     os._exit(EXIT_WORKER_CONFIG)
 
 
+@signals.worker_shutting_down.connect
+def bound_warm_shutdown(sender: Any = None, how: str = "Warm", exitcode: Any = 0, **_: Any) -> None:
+    """Main process, on SIGTERM/SIGINT: make sure the warm shutdown ends.
+
+    A warm shutdown waits for running chunks, and none can run past the hard time limit; a worker still
+    alive SHUTDOWN_GRACE_S after that is stuck in Celery's pool shutdown (seen once in CI, not
+    reproduced since). Exit then instead of hanging until a supervisor's SIGKILL: chunks not yet
+    acknowledged go back to the queue (acks_late), and writes are idempotent, so nothing is lost.
+    """
+    if how != "Warm" or os.getpid() != int(os.environ.get(_MAIN_PID_VAR, os.getpid())):
+        return
+    deadline_s = settings.task_time_limit_s + SHUTDOWN_GRACE_S
+    watchdog = threading.Timer(deadline_s, _force_exit, args=(deadline_s, int(exitcode or 0)))
+    watchdog.daemon = True  # never keeps a worker that did stop in time alive
+    watchdog.start()
+
+
+def _force_exit(deadline_s: float, exitcode: int) -> None:
+    from celery.worker import state
+
+    running = len(state.active_requests)
+    message = (
+        f"warm shutdown still not finished after {deadline_s:g} s (hard time limit + {SHUTDOWN_GRACE_S:g} s); "
+        f"exiting now, {running} unacknowledged chunk(s) go back to the queue"
+    )
+    print(f"embedq worker: {message}", file=sys.stderr, flush=True)
+    log.error("%s", message)
+    for child in _child_pids():
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+    os._exit(exitcode)
+
+
+def _child_pids() -> list[int]:
+    """Pids of this process's children (the pool), from /proc: billiard's own bookkeeping may be what hangs."""
+    me = os.getpid()
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(me):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 @signals.worker_shutdown.connect
 def after_worker_stop(sender: Any = None, **_: Any) -> None:
     """Main process: exit 78 when a child stopped the worker for a start-up error; forget the markers."""
+    hang_s = float(os.environ.get("EMBEDQ_TEST_SHUTDOWN_HANG_S") or 0)  # test-only: play a stuck shutdown
+    if hang_s > 0:
+        time.sleep(hang_s)
     folder = _loading_dir()
     if (folder / "fatal").exists() and sender is not None:
         sender.exitcode = EXIT_WORKER_CONFIG

@@ -122,16 +122,58 @@ def test_warm_shutdown_mid_job_finishes_the_running_chunk_and_leaves_the_rest_to
     )
     assert wait_until(lambda: received(slow.log()), 60), slow.log()[-2000:]
     running = received(slow.log())[0]
+    # "received" is logged before a child takes the chunk; a SIGTERM in between rightly hands it back
+    assert wait_until(lambda: chunk_of(running) in deliveries(fault_broker), 30), slow.log()[-2000:]
 
     # when A gets SIGTERM (a warm shutdown) while its chunk runs
     slow.process.send_signal(signal.SIGTERM)
 
     # then A finishes that chunk before it exits, and takes no other
-    assert slow.process.wait(30) == 0, slow.log()[-3000:]
+    assert slow.wait(30) == 0, slow.log()[-3000:]
     assert succeeded(slow.log()) == {running: 1}, slow.log()[-3000:]
     # and B does the rest: the job completes once, with a clean run's output
     assert producer.wait(90) == 0, producer.stderr() + fast.log()[-3000:]
     assert sum(succeeded(slow.log(), fast.log()).values()) == len(TEXTS) // 4
+    assert_same_output(out, reference)
+
+
+@pytest.mark.timeout(90)
+def test_a_warm_shutdown_that_hangs_is_ended_after_the_hard_time_limit_plus_a_grace(
+    fault_broker: Broker,
+    workers: WorkerFactory,
+    producers: ProducerFactory,
+    tiny_bert: Path,
+    reference: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    # given a worker A whose shutdown hangs for 60 s once its pool has stopped (injected: CI saw a
+    # warm shutdown hang once and it would not reproduce), a normal worker B, and a job under way
+    env = worker_env(fault_broker, tiny_bert, delay_s=1.5)
+    env["EMBEDQ_TEST_SHUTDOWN_HANG_S"] = "60"
+    hanging = workers.start(env, concurrency=1)
+    wait_ready(hanging)
+    out = tmp_path / "out.npy"
+    producer = producers.start(
+        *embed_args(write_corpus(tmp_path / "in.jsonl"), out, fault_broker.url, tiny_bert),
+        env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
+    )
+    assert wait_until(lambda: received(hanging.log()), 60), hanging.log()[-2000:]
+    running = received(hanging.log())[0]
+    assert wait_until(lambda: chunk_of(running) in deliveries(fault_broker), 30), hanging.log()[-2000:]
+    workers.start(worker_env(fault_broker, tiny_bert), concurrency=1)
+
+    # when A gets SIGTERM mid-chunk
+    children = hanging.children()
+    hanging.process.send_signal(signal.SIGTERM)
+
+    # then A still finishes its chunk, and exits by itself 4 s (hard limit) + 10 s (grace) after the
+    # signal rather than after the hang, saying so in one line and leaving no pool child behind
+    assert hanging.wait(30) == 0, hanging.log()[-3000:]
+    assert succeeded(hanging.log()) == {running: 1}, hanging.log()[-3000:]
+    assert "embedq worker: warm shutdown still not finished after 14 s" in hanging.log(), hanging.log()[-3000:]
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    # and the job completes on B with a clean run's output
+    assert producer.wait(60) == 0, producer.stderr()
     assert_same_output(out, reference)
 
 

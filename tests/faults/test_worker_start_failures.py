@@ -35,7 +35,7 @@ def _assert_failed_fast_and_consumed_nothing(
     worker: WorkerProcess, broker: Broker, job: str, loaded: int = 0
 ) -> list[str]:
     """The worker exited 78 by itself, saying why in one line; the queued chunk was never started."""
-    code = worker.process.wait(timeout=60)
+    code = worker.wait(60)
     log = worker.log()
     assert code == EXIT_WORKER_CONFIG, log[-3000:]
     lines = [line for line in log.splitlines() if line.startswith("embedq worker:")]
