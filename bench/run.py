@@ -120,13 +120,14 @@ def run_embedq(corpus: Path, work: Path, dtype: str, name: str) -> tuple[dict[st
     return manifest, np.load(output), timed.wall_s, timed.peak_rss
 
 
-def fmt_row(row: Row, st_docs_per_s: float, roofline: dict[str, float]) -> str:
+def fmt_row(row: Row, st_docs_per_s: float, roofline: dict[str, float | None]) -> str:
     real_tps = row.tokens / row.seconds
-    frac = row.flops / row.seconds / (roofline[row.dtype] * 1e9)
+    peak = roofline[row.dtype]
+    frac = f"{row.flops / row.seconds / (peak * 1e9):.1%}" if peak else "n/a"
     cos = f"{row.cos.min():.6f} | {row.cos.mean():.6f}" if row.cos is not None else "ref | ref"
     return (
         f"| {row.name} | {row.docs_per_s:,.1f} | {real_tps:,.0f} | {row.padded / row.tokens:.2f} | "
-        f"{row.docs_per_s / st_docs_per_s:.2f}x | {frac:.1%} | {cos} | {row.peak_rss / MB:,.0f} | "
+        f"{row.docs_per_s / st_docs_per_s:.2f}x | {frac} | {cos} | {row.peak_rss / MB:,.0f} | "
         f"{row.wall_s:.1f} ({row.startup_s:.1f}) |{(' ' + row.note) if row.note else ''}"
     )
 
@@ -156,7 +157,15 @@ def main() -> None:
     info = resolve_model("")
     lengths = token_lengths(texts, info.path, info.max_length)
     shape = BertShape.of(info.path)
-    roofline = {"fp32": matmul_gflops("fp32"), "bf16": matmul_gflops("bf16")}
+    from workers.encoder import cpu_has_bf16
+
+    # Without native bf16 (AVX2-only CPUs) a bf16 matmul is emulated at well under 1 GFLOP/s: no roofline
+    # worth dividing by, and each measurement would take a minute.
+    native_bf16 = cpu_has_bf16()
+    roofline: dict[str, float | None] = {
+        "fp32": matmul_gflops("fp32"),
+        "bf16": matmul_gflops("bf16") if native_bf16 else None,
+    }
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
 
@@ -257,7 +266,7 @@ def main() -> None:
     from producer.cli import default_workers
 
     # The machine may be shared: the roofline is the best of a measurement before and one after.
-    roofline = {dtype: max(gflops, matmul_gflops(dtype)) for dtype, gflops in roofline.items()}
+    roofline = {dtype: max(gflops, matmul_gflops(dtype)) if gflops else None for dtype, gflops in roofline.items()}
 
     children = default_workers()
     st_dps = st_row.docs_per_s
@@ -271,7 +280,8 @@ def main() -> None:
         f"{int(np.median(lengths))}).",
         "",
         f"Matmul roofline (2048x2048, {cores} threads, best of before and after): fp32 {roofline['fp32']:.0f} GFLOP/s, "
-        f"bf16 {roofline['bf16']:.0f} GFLOP/s; useful FLOPs = 2 x weights x real tokens + attention.",
+        + (f"bf16 {roofline['bf16']:.0f} GFLOP/s" if roofline["bf16"] else "bf16 n/a (no native bf16: emulated)")
+        + "; useful FLOPs = 2 x weights x real tokens + attention.",
         "",
         header,
     ]
