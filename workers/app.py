@@ -188,8 +188,9 @@ def _force_exit(deadline_s: float, exitcode: int) -> None:
         f"warm shutdown still not finished after {deadline_s:g} s (hard time limit + {SHUTDOWN_GRACE_S:g} s); "
         f"exiting now, {running} unacknowledged chunk(s) go back to the queue"
     )
-    print(f"embedq worker: {message}", file=sys.stderr, flush=True)
-    log.error("%s", message)
+    # Straight to file descriptor 2: sys.stderr is Celery's logging proxy, and a stuck main thread may hold
+    # the logging lock.
+    os.write(2, f"embedq worker: {message}\n".encode())
     for child in _child_pids():
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
