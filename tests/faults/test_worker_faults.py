@@ -177,6 +177,25 @@ def test_a_warm_shutdown_that_hangs_is_ended_after_the_hard_time_limit_plus_a_gr
     assert_same_output(out, reference)
 
 
+@pytest.mark.timeout(60)
+def test_a_stopped_worker_still_runs_celerys_exit_handlers_and_keeps_its_exit_code(
+    fault_broker: Broker, workers: WorkerFactory, tiny_bert: Path, tmp_path: Path
+) -> None:
+    # given a worker with a pidfile (Celery removes it in an atexit handler)
+    pidfile = tmp_path / "worker.pid"
+    worker = workers.start(worker_env(fault_broker, tiny_bert), extra_args=["--pidfile", str(pidfile)])
+    wait_ready(worker)
+    assert pidfile.read_text().strip() == str(worker.process.pid)
+
+    # when it is stopped (embedq skips the interpreter's teardown after the shutdown, which takes seconds
+    # with torch imported)
+    worker.process.send_signal(signal.SIGTERM)
+
+    # then it exits 0 and the exit handlers that Celery registered still ran
+    assert worker.wait(30) == 0, worker.log()[-3000:]
+    assert not pidfile.exists(), worker.log()[-3000:]
+
+
 @pytest.mark.timeout(120)
 def test_a_chunk_that_kills_its_worker_three_times_is_quarantined_and_the_job_names_its_rows(
     fault_broker: Broker,
