@@ -102,12 +102,17 @@ def _loading_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"embedq-loading-{os.environ.get(_MAIN_PID_VAR, os.getpid())}"
 
 
-def _is_alive(pid: int) -> bool:
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/PID/stat file after the command name (state first, then ppid), or [] if gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat.read_text(encoding="ascii").rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return []
+
+
+def _is_alive(pid: int) -> bool:
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return bool(fields) and fields[0] != "Z"
 
 
 @signals.worker_process_init.connect
@@ -200,16 +205,8 @@ def _force_exit(deadline_s: float, exitcode: int) -> None:
 
 def _child_pids() -> list[int]:
     """Pids of this process's children (the pool), from /proc: billiard's own bookkeeping may be what hangs."""
-    me = os.getpid()
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text(encoding="ascii").rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == str(me):
-            pids.append(int(stat.parent.name))
-    return pids
+    me = str(os.getpid())
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _stat_fields(stat)[1:2] == [me]]
 
 
 @signals.worker_shutdown.connect

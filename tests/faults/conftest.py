@@ -89,6 +89,17 @@ def received(log: str) -> list[str]:
     return re.findall(r"embedq\.embed_chunk\[([^\]]+)\] received", log)
 
 
+def first_received(worker: WorkerProcess, timeout_s: float = 60.0) -> str:
+    """The id of the first chunk task `worker` received (logged by its main process, before a child runs it)."""
+    assert wait_until(lambda: received(worker.log()), timeout_s), worker.log()[-2000:]
+    return received(worker.log())[0]
+
+
+def wait_started(broker: Broker, worker: WorkerProcess, task_id: str, timeout_s: float = 30.0) -> None:
+    """Until a pool child has started chunk task `task_id` (the deliveries counter counts starts)."""
+    assert wait_until(lambda: chunk_of(task_id) in deliveries(broker), timeout_s), worker.log()[-2000:]
+
+
 def chunk_of(task_id: str) -> int:
     """Task ids read `job-chunk-attempt` (producer/broker.py)."""
     return int(task_id.rsplit("-", 2)[1])
@@ -150,6 +161,15 @@ class ProducerFactory:
         producer = ProducerProcess(process, out, err)
         self.started.append(producer)
         return producer
+
+    def embed(
+        self, broker: Broker, tiny_bert: Path, out: Path, *extra: str, texts: list[str] = TEXTS
+    ) -> ProducerProcess:
+        """`embedq embed` of `texts` into `out` through `broker` (and its key prefix), in the background."""
+        corpus = write_corpus(out.parent / "in.jsonl", texts)
+        return self.start(
+            *embed_args(corpus, out, broker.url, tiny_bert, *extra), env={"EMBEDQ_KEY_PREFIX": broker.prefix}
+        )
 
     def stop_all(self) -> None:
         for producer in self.started:

@@ -90,10 +90,7 @@ def test_redis_killed_and_restarted_with_aof_workers_reconnect_and_the_job_finis
     worker = workers.start(worker_env(broker, tiny_bert, delay_s=0.2), concurrency=1)
     wait_ready(worker)
     out = tmp_path / "out.npy"
-    producer = producers.start(
-        *embed_args(write_corpus(tmp_path / "in.jsonl"), out, broker.url, tiny_bert),
-        env={"EMBEDQ_KEY_PREFIX": broker.prefix},
-    )
+    producer = producers.embed(broker, tiny_bert, out)
     assert wait_until(lambda: len(deliveries(broker)) >= 3, 60), producer.stderr() + worker.log()[-2000:]
 
     # when Redis is SIGKILLed and started again on the same port, from its AOF
@@ -121,10 +118,7 @@ def test_redis_restarted_empty_the_producer_resends_the_lost_chunks(
         worker = workers.start(worker_env(broker, tiny_bert, delay_s=0.2), concurrency=1)
         wait_ready(worker)
         out = tmp_path / "out.npy"
-        producer = producers.start(
-            *embed_args(write_corpus(tmp_path / "in.jsonl"), out, broker.url, tiny_bert, "--stall-timeout", "30"),
-            env={"EMBEDQ_KEY_PREFIX": broker.prefix},
-        )
+        producer = producers.embed(broker, tiny_bert, out, "--stall-timeout", "30")
         assert wait_until(lambda: len(deliveries(broker)) >= 3, 60), producer.stderr() + worker.log()[-2000:]
 
         # when Redis is SIGKILLed and started again empty: every queued message and result is gone

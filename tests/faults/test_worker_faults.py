@@ -20,12 +20,11 @@ from tests.faults.conftest import (
     assert_same_output,
     chunk_of,
     deliveries,
-    embed_args,
-    received,
+    first_received,
     succeeded,
     wait_ready,
+    wait_started,
     worker_env,
-    write_corpus,
 )
 
 pytestmark = pytest.mark.slow
@@ -49,10 +48,7 @@ def test_sigkill_of_a_pool_child_mid_chunk_is_redone_by_a_new_child(
     worker = workers.start(worker_env(fault_broker, tiny_bert, delay_s=0.4, **ROOMY_LIMITS), concurrency=1)
     wait_ready(worker)
     out = tmp_path / "out.npy"
-    producer = producers.start(
-        *embed_args(write_corpus(tmp_path / "in.jsonl"), out, fault_broker.url, tiny_bert),
-        env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
-    )
+    producer = producers.embed(fault_broker, tiny_bert, out)
     assert wait_until(lambda: len(deliveries(fault_broker)) >= 3, 60), producer.stderr() + worker.log()[-2000:]
     started = deliveries(fault_broker)
     running = max(started)  # the child is asleep inside the chunk it started last
@@ -84,12 +80,8 @@ def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_after_th
     fast = workers.start(worker_env(fault_broker, tiny_bert), concurrency=1)
     wait_ready(slow)
     out = tmp_path / "out.npy"
-    producer = producers.start(
-        *embed_args(write_corpus(tmp_path / "in.jsonl"), out, fault_broker.url, tiny_bert),
-        env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
-    )
-    assert wait_until(lambda: received(slow.log()), 60), slow.log()[-2000:]
-    taken = received(slow.log())[0]
+    producer = producers.embed(fault_broker, tiny_bert, out)
+    taken = first_received(slow)
 
     # when A, main process and children, is SIGKILLed while it holds a chunk unacknowledged
     os.killpg(slow.process.pid, signal.SIGKILL)
@@ -116,14 +108,10 @@ def test_warm_shutdown_mid_job_finishes_the_running_chunk_and_leaves_the_rest_to
     fast = workers.start(worker_env(fault_broker, tiny_bert), concurrency=1)
     wait_ready(slow)
     out = tmp_path / "out.npy"
-    producer = producers.start(
-        *embed_args(write_corpus(tmp_path / "in.jsonl"), out, fault_broker.url, tiny_bert),
-        env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
-    )
-    assert wait_until(lambda: received(slow.log()), 60), slow.log()[-2000:]
-    running = received(slow.log())[0]
+    producer = producers.embed(fault_broker, tiny_bert, out)
+    running = first_received(slow)
     # "received" is logged before a child takes the chunk; a SIGTERM in between rightly hands it back
-    assert wait_until(lambda: chunk_of(running) in deliveries(fault_broker), 30), slow.log()[-2000:]
+    wait_started(fault_broker, slow, running)
 
     # when A gets SIGTERM (a warm shutdown) while its chunk runs
     slow.process.send_signal(signal.SIGTERM)
@@ -153,13 +141,9 @@ def test_a_warm_shutdown_that_hangs_is_ended_after_the_hard_time_limit_plus_a_gr
     hanging = workers.start(env, concurrency=1)
     wait_ready(hanging)
     out = tmp_path / "out.npy"
-    producer = producers.start(
-        *embed_args(write_corpus(tmp_path / "in.jsonl"), out, fault_broker.url, tiny_bert),
-        env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
-    )
-    assert wait_until(lambda: received(hanging.log()), 60), hanging.log()[-2000:]
-    running = received(hanging.log())[0]
-    assert wait_until(lambda: chunk_of(running) in deliveries(fault_broker), 30), hanging.log()[-2000:]
+    producer = producers.embed(fault_broker, tiny_bert, out)
+    running = first_received(hanging)
+    wait_started(fault_broker, hanging, running)
     workers.start(worker_env(fault_broker, tiny_bert), concurrency=1)
 
     # when A gets SIGTERM mid-chunk
@@ -213,10 +197,7 @@ def test_a_chunk_that_kills_its_worker_three_times_is_quarantined_and_the_job_na
     out = tmp_path / "out.npy"
 
     # when the job runs
-    producer = producers.start(
-        *embed_args(write_corpus(tmp_path / "in.jsonl", texts), out, fault_broker.url, tiny_bert),
-        env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
-    )
+    producer = producers.embed(fault_broker, tiny_bert, out, texts=texts)
 
     # then it ends with exit code 1, naming the quarantined rows and why, and writes no output
     assert producer.wait(110) == 1, producer.stderr() + worker.log()[-3000:]
