@@ -201,7 +201,7 @@ def test_resume_log_cut_short_by_a_crash_keeps_what_came_before(tmp_path: Path) 
 # -- settings ----------------------------------------------------------------------------------
 
 
-def test_settings_from_env_reads_typed_values_and_ignores_test_variables() -> None:
+def test_settings_from_env_reads_typed_values_and_ignores_other_variables() -> None:
     settings = Settings.from_env(
         {
             "EMBEDQ_BATCH_TOKENS": "4096",
@@ -209,7 +209,7 @@ def test_settings_from_env_reads_typed_values_and_ignores_test_variables() -> No
             "EMBEDQ_SKIP_MEMORY_CHECK": "yes",
             "EMBEDQ_TASK_TIME_LIMIT_S": "60",
             "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "50",
-            "EMBEDQ_TEST_REDIS_URL": "redis://x",
+            "TESTS_REDIS_URL": "redis://x",
             "PATH": "/bin",
         }
     )
@@ -221,6 +221,8 @@ def test_settings_from_env_reads_typed_values_and_ignores_test_variables() -> No
     ("env", "message"),
     [
         ({"EMBEDQ_BATCH_TOKEN": "10"}, "unknown setting EMBEDQ_BATCH_TOKEN"),
+        # No test switch either: faults are played by tests/faults/fault_app.py, never read by workers.
+        ({"EMBEDQ_TEST_KILL_ON_TEXT": "x"}, "unknown setting EMBEDQ_TEST_KILL_ON_TEXT"),
         ({"EMBEDQ_BATCH_TOKENS": "many"}, "EMBEDQ_BATCH_TOKENS='many'"),
         ({"EMBEDQ_SKIP_MEMORY_CHECK": "maybe"}, "expected true/false"),
         ({"EMBEDQ_DTYPE": "int8"}, "EMBEDQ_DTYPE='int8'"),
