@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aredis
 
 from producer.client import _ClientBase
+from workers.queues import INTERACTIVE, queue_depth_async
 
 
 class AsyncEmbedClient(_ClientBase):
@@ -27,7 +28,8 @@ class AsyncEmbedClient(_ClientBase):
         self.redis = aredis.Redis.from_url(self._core.settings.broker_url, socket_connect_timeout=5)
 
     async def queue_depth(self) -> int:
-        return int(await self.redis.llen(self._core.queue_key))
+        """Messages waiting in the interactive queue."""
+        return await queue_depth_async(self.redis, self._core.keys, INTERACTIVE)
 
     async def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
         """Embed `texts` -> float32 (n, dim); see `embed_with_usage` for the token count too."""

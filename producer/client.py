@@ -37,9 +37,9 @@ from workers.config import Settings
 from workers.errors import EmbedqError, InvalidRecords, JobFailed, ModelError, RequestTimeout, ResultMissing
 from workers.keys import Keys, connect
 from workers.model_info import ModelInfo, resolve_model
+from workers.queues import INTERACTIVE, queue_depth
 from workers.store import RedisStore
 
-INTERACTIVE = "interactive"
 #: Texts per task: small, so that a large request spreads over every worker.
 DEFAULT_CHUNK_ROWS = 32
 
@@ -125,11 +125,6 @@ class _Core:
         self.app = sender_app(self.settings)
         self.requests = 0
         self.texts = 0
-
-    @property
-    def queue_key(self) -> str:
-        """The Redis list behind the interactive queue (kombu prefixes it like every embedq key)."""
-        return f"{self.keys.prefix}:{INTERACTIVE}"
 
     def plan(self, texts: Any) -> _Request:
         valid = validate_texts(texts)
@@ -302,7 +297,7 @@ class EmbedClient(_ClientBase):
 
     def queue_depth(self) -> int:
         """Messages waiting in the interactive queue."""
-        return int(self.redis.llen(self._core.queue_key))
+        return queue_depth(self.redis, self._core.keys, INTERACTIVE)
 
     def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
         """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order."""

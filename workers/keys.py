@@ -16,6 +16,7 @@ class Keys:
         self.prefix = prefix
 
     def result(self, job: str, chunk: int) -> str:
+        """Hash of one chunk's float32 rows (rows, dim, data), with a TTL."""
         return f"{self.prefix}:result:{job}:{chunk}"
 
     def events(self, job: str) -> str:
@@ -37,6 +38,22 @@ class Keys:
     def stats(self) -> str:
         """Hash of worker counters (docs, tokens, ...) for metrics."""
         return f"{self.prefix}:stats"
+
+    def models(self) -> str:
+        """Hash model name -> JSON of the model a worker serves (pooling, length, dim), for light producers."""
+        return f"{self.prefix}:models"
+
+    def cache(self, namespace: str, digest: str) -> str:
+        """One cached embedding: `namespace` names model and options, `digest` the text."""
+        return f"{self.prefix}:cache:{namespace}:{digest}"
+
+    def queue(self, name: str) -> str:
+        """A list kombu keeps a queue's messages in (Celery's keys share the prefix: `global_keyprefix`)."""
+        return f"{self.prefix}:{name}"
+
+    def unacked(self) -> str:
+        """kombu's hash of messages delivered but not yet acknowledged."""
+        return f"{self.prefix}:unacked"
 
 
 def redact(url: str) -> str:

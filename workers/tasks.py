@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from typing import Any
@@ -21,28 +20,19 @@ _HOST = socket.gethostname()
 
 
 def _fail(ctx: runtime.WorkerContext, job: str, chunk: int, reason: str, *, quarantined: bool = False) -> None:
-    event = {"type": "failed", "chunk": chunk, "reason": reason, "quarantined": quarantined, "worker": _HOST}
+    event: events.ChunkFailed = {
+        "type": "failed",
+        "chunk": chunk,
+        "reason": reason,
+        "quarantined": quarantined,
+        "worker": _HOST,
+    }
     events.publish(ctx.coordination, ctx.keys, job, event, {"chunks_failed": 1, "chunks_quarantined": int(quarantined)})
 
 
 def delivery_field(chunk: int, task_id: str | None, retries: int | None) -> str:
     """The deliveries-hash field of one message: `chunk:task id:retry`, so counts can be summed per chunk."""
     return f"{chunk}:{task_id or '-'}:{retries or 0}"
-
-
-def _test_faults(texts: list[Any]) -> None:
-    """Test-only fault injection, off unless an EMBEDQ_TEST_* variable is set (never set them in production).
-
-    EMBEDQ_TEST_KILL_ON_TEXT: a pool child given a text containing this marker SIGKILLs itself, as the
-    out-of-memory killer would; EMBEDQ_TEST_CHUNK_DELAY_S: every chunk sleeps this long once started, so
-    that a test's signal lands mid-chunk.
-    """
-    marker = os.environ.get("EMBEDQ_TEST_KILL_ON_TEXT")
-    if marker and any(isinstance(text, str) and marker in text for text in texts):
-        os.kill(os.getpid(), signal.SIGKILL)
-    delay_s = float(os.environ.get("EMBEDQ_TEST_CHUNK_DELAY_S") or 0)
-    if delay_s > 0:
-        time.sleep(delay_s)
 
 
 @app.task(name=TASK_EMBED_CHUNK, bind=True, max_retries=5)
@@ -63,7 +53,6 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         log.error("job %s chunk %d %s", job, chunk, reason)
         _fail(ctx, job, chunk, reason, quarantined=True)
         return {"chunk": chunk, "quarantined": True}
-    _test_faults(texts)
 
     t0 = time.perf_counter()
     try:
@@ -94,7 +83,7 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         _fail(ctx, job, chunk, reason)
         raise
 
-    meta: dict[str, Any] = {
+    meta: events.ChunkDone = {
         "type": "done",
         "chunk": chunk,
         "rows": int(result.embeddings.shape[0]),
@@ -121,4 +110,4 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
             "encode_ms": int(meta["ms"]),
         },
     )
-    return meta
+    return dict(meta)
