@@ -18,6 +18,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 
+from producer import job_record
 from producer.broker import send_chunk, sender_app
 from producer.job_spec import JobOptions, JobReport, job_id_for
 from producer.output import ChunkRecord, PartialOutput
@@ -136,10 +137,10 @@ class Job:
             self.report.wall_s = time.monotonic() - started
             self.progress.close()
             if self.report.failures:
-                self._record_job_end("failed")
+                self._record_job_end(job_record.FAILED)
                 raise JobFailed(self._failure_summary())
             partial.finish(self.report.rows, self._manifest())
-            self._record_job_end("done")
+            self._record_job_end(job_record.DONE)
             return self.report
         except BaseException as error:
             self.progress.close()
@@ -160,7 +161,7 @@ class Job:
             )
         )
         self.pending[index] = _Pending(start, texts, time.monotonic(), sends)
-        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "sent_chunks", 1))
+        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.SENT_CHUNKS, 1))
 
     def _collect(self, partial: PartialOutput) -> None:
         """Wait up to a second for one event; reconcile silent chunks when there is none."""
@@ -180,7 +181,7 @@ class Job:
             return
         if event["type"] == "failed":
             del self.pending[chunk]
-            self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "failed_chunks", 1))
+            self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.FAILED_CHUNKS, 1))
             self.report.failures.append(
                 {
                     "chunk": chunk,
@@ -213,7 +214,7 @@ class Job:
         self._with_broker(lambda: self.store.delete(self.job_id, chunk))
         del self.pending[chunk]
         self._count_finished(record, reused=False)
-        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "done_chunks", 1))
+        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.DONE_CHUNKS, 1))
 
     def _earlier_results(self, partial: PartialOutput) -> dict[int, dict[str, Any]]:
         """Done events of chunks an earlier run of this job sent but never collected (it was killed)."""
@@ -329,19 +330,16 @@ class Job:
         self._with_broker(
             lambda: self.redis.hset(
                 key,
-                mapping={
-                    "input": self.input_path,
-                    "output": self.output,
-                    "model": self.options.model.name,
-                    "state": "running",
-                    "started": time.time(),
-                    "total_hint": self.total_hint or 0,
-                    # For `embedq status`: chunk size turns chunk counts into docs; a rerun counts afresh.
-                    "chunk_rows": self.options.chunk_rows,
-                    "sent_chunks": 0,
-                    "done_chunks": 0,
-                    "failed_chunks": 0,
-                },
+                # A rerun counts afresh: the counters start at 0 again.
+                mapping=job_record.JobRecord(
+                    input=self.input_path,
+                    output=self.output,
+                    model=self.options.model.name,
+                    state=job_record.RUNNING,
+                    started=time.time(),
+                    total_hint=self.total_hint or 0,
+                    chunk_rows=self.options.chunk_rows,
+                ).to_hash(),
             )
         )
         self.redis.zadd(self.keys.jobs(), {self.job_id: time.time()})
@@ -350,13 +348,13 @@ class Job:
         try:
             self.redis.hset(
                 self.keys.job(self.job_id),
-                mapping={
-                    "state": state,
-                    "rows": self.report.rows,
-                    "chunks": self.report.chunks,
-                    "wall_s": round(self.report.wall_s, 3),
-                    "failures": len(self.report.failures),
-                },
+                mapping=job_record.JobRecord.end_fields(
+                    state=state,
+                    rows=self.report.rows,
+                    chunks=self.report.chunks,
+                    wall_s=self.report.wall_s,
+                    failures=len(self.report.failures),
+                ),
             )
             self.redis.expire(self.keys.job(self.job_id), events.EVENTS_TTL_S)
         except (redis.exceptions.RedisError, OSError):

@@ -71,7 +71,7 @@ def parse(raw: bytes | str) -> ChunkEvent:
         event = json.loads(raw)
     except ValueError as error:
         raise BadEvent(f"chunk event is not JSON: {error}") from None
-    shape = _SHAPES.get(event.get("type")) if isinstance(event, dict) else None
+    shape = _SHAPES.get(str(event.get("type"))) if isinstance(event, dict) else None
     if shape is None:
         raise BadEvent(f"chunk event {str(raw)[:200]!r}: 'type' must be one of {', '.join(_SHAPES)}")
     for name, kind in get_type_hints(shape).items():
