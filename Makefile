@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first: any other spec would pull a CUDA build of several GB.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[serve,test]'
+	$(PIP) install -q -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

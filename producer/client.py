@@ -34,9 +34,18 @@ from producer.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
 from producer.readers import check_text
 from workers import events
 from workers.config import Settings
-from workers.errors import EmbedqError, InvalidRecords, JobFailed, ModelError, RequestTimeout, ResultMissing
+from workers.errors import (
+    BrokerUnavailable,
+    EmbedqError,
+    InvalidRecords,
+    JobFailed,
+    ModelError,
+    RequestTimeout,
+    ResultMissing,
+)
 from workers.keys import Keys, connect
-from workers.model_info import ModelInfo, resolve_model
+from workers.model_info import DEFAULT_MODEL_NAME, ModelInfo
+from workers.model_registry import describe
 from workers.queues import INTERACTIVE, queue_depth
 from workers.store import RedisStore
 
@@ -61,11 +70,12 @@ def validate_texts(texts: Any) -> list[str]:
 
 
 def served_model(settings: Settings) -> ModelInfo:
-    """The model the workers are asked for; a folder this machine lacks is named but not read."""
+    """The model the workers are asked for: read from its folder, else as the fleet announced it (a light
+    install); one that neither describes is named only, and its width learnt from the first result."""
     try:
-        return resolve_model(settings.model)
-    except ModelError:
-        name = settings.model.rstrip("/").rsplit("/", 1)[-1]
+        return describe(settings)
+    except (ModelError, BrokerUnavailable):
+        name = settings.model.rstrip("/").rsplit("/", 1)[-1] or DEFAULT_MODEL_NAME
         return ModelInfo(name, settings.model, False, "", 0, 0)
 
 

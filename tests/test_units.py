@@ -307,3 +307,19 @@ def test_resolve_model_errors_name_the_model_and_the_fix(
     path = name.format(tmp=tmp_path, bert=bert, broken=broken, nowidth=nowidth)
     with pytest.raises(error, match=message):
         resolve_model(path, **kwargs)  # type: ignore[arg-type]
+
+
+# -- extras --------------------------------------------------------------------------------------
+
+
+def test_a_missing_extra_is_named_with_the_command_that_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import extras
+    from workers.errors import MissingExtra
+
+    extras.require("embedq serve", "serve", "worker")  # the full install has every extra
+    monkeypatch.setitem(extras.EXTRAS, "gpu", ("no_such_module_anywhere",))
+    monkeypatch.setitem(extras.EXTRAS, "tpu", ("another_missing_module",))
+    with pytest.raises(MissingExtra, match=r"^embedq x needs the gpu extra: pip install 'embedq\[gpu\]'$"):
+        extras.require("embedq x", "worker", "gpu")
+    with pytest.raises(MissingExtra, match=r"needs the gpu and tpu extras: pip install 'embedq\[gpu,tpu\]'$"):
+        extras.require("embedq x", "gpu", "tpu")

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from workers import crash_loop, memory
+from workers import crash_loop, extras, memory
 from workers.config import Settings
 from workers.errors import EmbedqError
 
@@ -59,6 +59,7 @@ def before_worker_start(settings: Settings, sender: Any, *, available_bytes: int
     from workers.model_info import resolve_model
 
     try:
+        extras.require("this worker", "worker")  # `celery -A workers.app worker` on a light install
         # A hub name is resolved here too (its small JSON files only): an unreachable hub fails now, once.
         model = resolve_model(current.model)
         children = 1 if ("solo" in pool_name or "thread" in pool_name) else (concurrency or 1)
