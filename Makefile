@@ -35,8 +35,10 @@ test-tools:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null; } || \
 		echo "chromium/prometheus not installed: the Flower browser and Prometheus checks will be skipped"
 
+# ruff (lint and format) and mypy; .ci/run runs it before the tests.
 lint: install
 	$(VENV)/bin/ruff check workers producer tests bench
+	$(VENV)/bin/ruff format --check workers producer tests bench
 	$(VENV)/bin/mypy
 
 bench: install
