@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first: any other spec would pull a CUDA build of several GB.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[serve,test]'
+	$(PIP) install -q -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,8 +35,10 @@ test-tools:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null; } || \
 		echo "chromium/prometheus not installed: the Flower browser and Prometheus checks will be skipped"
 
+# ruff (lint and format) and mypy; .ci/run runs it before the tests.
 lint: install
 	$(VENV)/bin/ruff check workers producer tests bench
+	$(VENV)/bin/ruff format --check workers producer tests bench
 	$(VENV)/bin/mypy
 
 bench: install

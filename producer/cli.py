@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from producer import exitcodes
+from workers import extras
 from workers.config import DTYPES, Settings
 from workers.errors import (
     BrokerUnavailable,
@@ -149,7 +150,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from producer.job_spec import JobOptions
     from producer.output import output_kind
     from producer.readers import detect_format, open_input
-    from workers.model_info import resolve_model
+    from workers.model_registry import describe
     from workers.store import parse_store_spec
 
     settings = _settings_from(args)
@@ -158,16 +159,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size {args.chunk_size}: must be at least 1")
     try:
-        output_kind(args.output)
+        kind = output_kind(args.output)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
+    if embedded:
+        extras.require("embedq embed without --broker (the embedded default)", "local")
+    if kind == "parquet":
+        extras.require("embedq embed -o OUTPUT.parquet", "parquet")
     parse_store_spec(args.results)
     # Fail fast, before anything starts: the input, the model.
     detect_format(args.input, args.input_format)
     if args.input != "-":
         open_input(args.input).close()
-    model = resolve_model(settings.model, pooling=args.pooling, max_length=args.max_length)
-    embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
+    # Read from the model's folder; a light install asks the fleet for what it cannot read.
+    model = describe(settings, pooling=args.pooling, max_length=args.max_length)
     workers = args.workers or default_workers()
     options = JobOptions(
         model=model,
@@ -247,6 +253,7 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    extras.require("embedq worker", "worker")
     settings = _settings_from(args)
     command, env, line = worker_argv(args, settings)
     _say(line)

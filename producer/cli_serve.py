@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from producer import exitcodes
+from workers import extras
 from workers.config import Settings
 from workers.errors import ConfigError
 
@@ -58,12 +59,8 @@ def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        from producer.gateway import GatewayOptions, serve
-    except ImportError as error:
-        raise ConfigError(
-            f"embedq serve needs the [serve] extra ({error.name} is missing): pip install 'embedq[serve]'"
-        ) from None
+    extras.require("embedq serve", "serve")
+    from producer.gateway import GatewayOptions, serve
     from workers.keys import connect, redact
 
     if args.api_key:
@@ -90,6 +87,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    extras.require("embedq up", "local", "serve")
     from producer.up import run_up
 
     workers = args.workers or max(1, len(os.sched_getaffinity(0)))

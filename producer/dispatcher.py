@@ -27,6 +27,7 @@ from typing import Any, cast
 import redis
 from celery import Celery
 
+from producer import job_record
 from producer.broker import send_chunk, task_id_for
 from producer.job_spec import JobOptions
 from workers import events
@@ -139,7 +140,7 @@ class Dispatcher:
 
         def bookkeeping() -> None:
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(self.keys.job(self.job_id), "sent_chunks", 1)
+                pipe.hincrby(self.keys.job(self.job_id), job_record.SENT_CHUNKS, 1)
                 pipe.hincrby(self.keys.sends(self.job_id), str(pending.index), 1)
                 pipe.expire(self.keys.sends(self.job_id), events.EVENTS_TTL_S)
                 pipe.execute()

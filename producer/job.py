@@ -18,6 +18,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 
+from producer import job_record
 from producer.broker import sender_app
 from producer.dispatcher import RESULT_VANISHED, Dispatcher
 from producer.job_spec import JobOptions, JobReport, job_id_for
@@ -27,7 +28,8 @@ from producer.readers import Record, Rejected, count_lines, read_records
 from workers import events
 from workers.config import Settings
 from workers.errors import BrokerUnavailable, InputError, JobFailed
-from workers.keys import Keys, connect, queue_depth
+from workers.keys import Keys, connect
+from workers.queues import queue_depth
 from workers.store import ResultStore, open_store
 
 log = logging.getLogger("embedq.producer")
@@ -139,16 +141,16 @@ class Job:
             self._count_resends()
             self.progress.close()
             if self.report.failures:
-                self._record_job_end("failed")
+                self._record_job_end(job_record.FAILED)
                 raise JobFailed(self._failure_summary())
             partial.finish(self.report.rows, self._manifest())
-            self._record_job_end("done")
+            self._record_job_end(job_record.DONE)
             return self.report
         except BaseException as error:
             self.progress.close()
             partial.close()
             if isinstance(error, JobFailed):
-                self._record_job_end("failed")
+                self._record_job_end(job_record.FAILED)
             # Invalid input is final: a rerun needs a fixed input (a new job), so nothing is worth keeping.
             # Other stops (Ctrl-C, broker lost) keep finished chunks for a rerun to reuse.
             if isinstance(error, InputError) or not partial.finished:
@@ -177,7 +179,7 @@ class Job:
             return
         if event["type"] == "failed":
             self.dispatcher.fail(chunk, event.get("reason", "unknown"), quarantined=bool(event.get("quarantined")))
-            self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "failed_chunks", 1))
+            self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.FAILED_CHUNKS, 1))
             return
         array = self._with_broker(lambda: self.store.get(self.job_id, chunk))
         if array is None:
@@ -202,7 +204,7 @@ class Job:
         self._settle(chunk)
         self.dispatcher.collected(chunk, float(event.get("ms", 0.0)))
         self._count_finished(record, reused=False)
-        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "done_chunks", 1))
+        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.DONE_CHUNKS, 1))
 
     def _settle(self, chunk: int) -> None:
         """First result wins: mark the chunk collected, then delete its result.
@@ -288,19 +290,16 @@ class Job:
         self._with_broker(
             lambda: self.redis.hset(
                 key,
-                mapping={
-                    "input": self.input_path,
-                    "output": self.output,
-                    "model": self.options.model.name,
-                    "state": "running",
-                    "started": time.time(),
-                    "total_hint": self.total_hint or 0,
-                    # For `embedq status`: chunk size turns chunk counts into docs; a rerun counts afresh.
-                    "chunk_rows": self.options.chunk_rows,
-                    "sent_chunks": 0,
-                    "done_chunks": 0,
-                    "failed_chunks": 0,
-                },
+                # A rerun counts afresh: the counters start at 0 again.
+                mapping=job_record.JobRecord(
+                    input=self.input_path,
+                    output=self.output,
+                    model=self.options.model.name,
+                    state=job_record.RUNNING,
+                    started=time.time(),
+                    total_hint=self.total_hint or 0,
+                    chunk_rows=self.options.chunk_rows,
+                ).to_hash(),
             )
         )
         self.redis.zadd(self.keys.jobs(), {self.job_id: time.time()})
@@ -309,13 +308,13 @@ class Job:
         try:
             self.redis.hset(
                 self.keys.job(self.job_id),
-                mapping={
-                    "state": state,
-                    "rows": self.report.rows,
-                    "chunks": self.report.chunks,
-                    "wall_s": round(self.report.wall_s, 3),
-                    "failures": len(self.report.failures),
-                },
+                mapping=job_record.JobRecord.end_fields(
+                    state=state,
+                    rows=self.report.rows,
+                    chunks=self.report.chunks,
+                    wall_s=self.report.wall_s,
+                    failures=len(self.report.failures),
+                ),
             )
             self.redis.expire(self.keys.job(self.job_id), events.EVENTS_TTL_S)
         except (redis.exceptions.RedisError, OSError):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.model_info import ModelInfo
+from workers.queues import BULK
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class JobOptions:
     results: str = "redis"
     chunk_rows: int = 256
     max_in_flight: int = 8
-    queue: str = "bulk"
+    queue: str = BULK
     text_field: str = "text"
     id_field: str = "id"
     input_format: str = "auto"

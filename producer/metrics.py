@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from workers.config import QUEUES
 from workers.events import RESEND_REASONS
-from workers.keys import Keys, queue_depth
+from workers.keys import Keys
 from workers.liveness import live_workers
+from workers.queues import QUEUES, queue_depth
 
 #: stats field -> (metric name, help, scale)
 _COUNTERS = {
@@ -44,6 +44,7 @@ _COUNTERS = {
 
 
 def read_stats(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The fleet counters hash, decoded."""
     raw = cast(dict[bytes, bytes], client.hgetall(keys.stats()))
     return {k.decode(): int(v) for k, v in raw.items()}
 

@@ -14,11 +14,13 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from workers.errors import ConfigError
+from workers.queues import BULK, QUEUES
+
+__all__ = ["DTYPES", "POOLINGS", "QUEUES", "TASK_EMBED_CHUNK", "Settings", "celery_config"]
 
 PREFIX = "EMBEDQ_"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean", "max")
-QUEUES = ("interactive", "bulk")
 TASK_EMBED_CHUNK = "embedq.embed_chunk"
 TASK_PING = "embedq.ping"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -139,7 +141,7 @@ class Settings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in environ.items():
-            if not key.startswith(PREFIX) or key.startswith(PREFIX + "TEST_"):
+            if not key.startswith(PREFIX):
                 continue
             name = key[len(PREFIX) :].lower()
             if name not in fields:
@@ -216,7 +218,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_default_queue": "bulk",
+        "task_default_queue": BULK,
         # Declared in priority order: a worker polls `interactive` before `bulk`.
         "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         "task_acks_late": True,

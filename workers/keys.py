@@ -16,6 +16,7 @@ class Keys:
         self.prefix = prefix
 
     def result(self, job: str, chunk: int) -> str:
+        """Hash of one chunk's float32 rows (rows, dim, data), with a TTL."""
         return f"{self.prefix}:result:{job}:{chunk}"
 
     def events(self, job: str) -> str:
@@ -62,6 +63,22 @@ class Keys:
         """SCAN pattern of every live worker's key."""
         return f"{self.prefix}:worker:*"
 
+    def models(self) -> str:
+        """Hash model name -> JSON of the model a worker serves (pooling, length, dim), for light producers."""
+        return f"{self.prefix}:models"
+
+    def cache(self, namespace: str, digest: str) -> str:
+        """One cached embedding: `namespace` names model and options, `digest` the text."""
+        return f"{self.prefix}:cache:{namespace}:{digest}"
+
+    def queue(self, name: str) -> str:
+        """A list kombu keeps a queue's messages in (Celery's keys share the prefix: `global_keyprefix`)."""
+        return f"{self.prefix}:{name}"
+
+    def unacked(self) -> str:
+        """kombu's hash of messages delivered but not yet acknowledged."""
+        return f"{self.prefix}:unacked"
+
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for messages and logs."""
@@ -87,15 +104,3 @@ def connect(url: str, *, check: bool = True, **options: Any) -> redis.Redis:
                 f"cannot reach Redis at {redact(url)} ({error}); start it or pass another --broker"
             ) from error
     return client
-
-
-#: kombu's Redis transport keeps one list per priority step; "" is the default priority.
-PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-
-def queue_depth(client: redis.Redis, keys: Keys, queue: str) -> int:
-    """Messages waiting in `queue` (all of its priority lists; kombu prefixes them like every embedq key)."""
-    with client.pipeline(transaction=False) as pipe:
-        for suffix in PRIORITY_SUFFIXES:
-            pipe.llen(f"{keys.prefix}:{queue}{suffix}")
-        return int(sum(pipe.execute()))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from workers import model_registry
 from workers.config import Settings
 from workers.errors import WorkerNotReady
 from workers.keys import Keys, connect
@@ -131,10 +132,12 @@ def init_process(settings: Settings) -> WorkerContext:
         load_s = time.monotonic() - started
         coordination = connect(settings.broker_url, **worker_socket_options(settings))
         _context = WorkerContext(settings, model, encoder, coordination, Keys(settings.key_prefix), load_s, threads)
-        # For /metrics (embedq_model_load_seconds): how often children load a model and how long it takes.
+        # For /metrics (embedq_model_load_seconds): how often children load a model and how long it takes;
+        # and the model itself, for light producers that cannot read it (workers/model_registry.py).
         with coordination.pipeline(transaction=False) as pipe:
             pipe.hincrby(_context.keys.stats(), "model_loads", 1)
             pipe.hincrby(_context.keys.stats(), "model_load_ms", int(load_s * 1000))
+            model_registry.announce(pipe, _context.keys, model)
             pipe.execute()
         log.warning(
             "embedq child %d ready: %s, %d torch threads, loaded in %.1f s (%s)",

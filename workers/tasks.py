@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -24,28 +23,19 @@ _HOST = socket.gethostname()
 
 
 def _fail(ctx: runtime.WorkerContext, job: str, chunk: int, reason: str, *, quarantined: bool = False) -> None:
-    event = {"type": "failed", "chunk": chunk, "reason": reason, "quarantined": quarantined, "worker": _HOST}
+    event: events.ChunkFailed = {
+        "type": "failed",
+        "chunk": chunk,
+        "reason": reason,
+        "quarantined": quarantined,
+        "worker": _HOST,
+    }
     events.publish(ctx.coordination, ctx.keys, job, event, {"chunks_failed": 1, "chunks_quarantined": int(quarantined)})
 
 
 def delivery_field(chunk: int, task_id: str | None, retries: int | None) -> str:
     """The deliveries-hash field of one message: `chunk:task id:retry`, so counts can be summed per chunk."""
     return f"{chunk}:{task_id or '-'}:{retries or 0}"
-
-
-def _test_faults(texts: list[Any]) -> None:
-    """Test-only fault injection, off unless an EMBEDQ_TEST_* variable is set (never set them in production).
-
-    EMBEDQ_TEST_KILL_ON_TEXT: a pool child given a text containing this marker SIGKILLs itself, as the
-    out-of-memory killer would; EMBEDQ_TEST_CHUNK_DELAY_S: every chunk sleeps this long once started, so
-    that a test's signal lands mid-chunk.
-    """
-    marker = os.environ.get("EMBEDQ_TEST_KILL_ON_TEXT")
-    if marker and any(isinstance(text, str) and marker in text for text in texts):
-        os.kill(os.getpid(), signal.SIGKILL)
-    delay_s = float(os.environ.get("EMBEDQ_TEST_CHUNK_DELAY_S") or 0)
-    if delay_s > 0:
-        time.sleep(delay_s)
 
 
 def settled(ctx: runtime.WorkerContext, job: str, chunk: int) -> str:
@@ -100,11 +90,10 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
     with ChunkLease(
         ctx.coordination, ctx.keys, job, chunk, attempt, ttl_s=ctx.settings.lease_ttl_s, worker=node
     ) as lease:
-        _test_faults(texts)
         meta = _embed_and_store(self, ctx, job, chunk, texts, options, lease)
     if "dropped" not in meta:
         meta["worker"] = worker
-        events.publish(ctx.coordination, ctx.keys, job, meta, _stats_of(meta))
+        events.publish(ctx.coordination, ctx.keys, job, cast(events.ChunkDone, meta), _stats_of(meta))
     return meta
 
 
@@ -161,7 +150,7 @@ def _embed_and_store(
         reason = str(error) if isinstance(error, EmbedqError) else f"{type(error).__name__}: {error}"
         _fail(ctx, job, chunk, reason)
         raise
-    return {
+    meta: dict[str, Any] = {
         "type": "done",
         "chunk": chunk,
         "attempt": attempt,
@@ -174,6 +163,7 @@ def _embed_and_store(
         "dtype": result.dtype,
         "ms": round((time.perf_counter() - t0) * 1000.0, 1),
     }
+    return meta
 
 
 def _stats_of(meta: dict[str, Any]) -> dict[str, int]:

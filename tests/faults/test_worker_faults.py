@@ -1,7 +1,8 @@
 """Killed pool children, killed workers, warm shutdown, and a chunk that kills its worker every time.
 
-Real `celery -A workers.app worker` processes on a real valkey-server, real signals, the real CLI;
-the output of every run must equal a clean run's.
+Real `celery -A tests.faults.fault_app worker` processes (the production app, with faults played by
+test code) on a real valkey-server, real signals, the real CLI; the output of every run must equal a
+clean run's.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def test_a_warm_shutdown_that_hangs_is_ended_after_the_hard_time_limit_plus_a_gr
     # given a worker A whose shutdown hangs for 60 s once its pool has stopped (injected: CI saw a
     # warm shutdown hang once and it would not reproduce), a normal worker B, and a job under way
     env = worker_env(fault_broker, tiny_bert, delay_s=1.5)
-    env["EMBEDQ_TEST_SHUTDOWN_HANG_S"] = "60"
+    env["FAULT_SHUTDOWN_HANG_S"] = "60"
     hanging = workers.start(env, concurrency=1)
     wait_ready(hanging)
     out = tmp_path / "out.npy"
@@ -190,11 +191,11 @@ def test_a_chunk_that_kills_its_worker_three_times_is_quarantined_and_the_job_na
     tiny_bert: Path,
     tmp_path: Path,
 ) -> None:
-    # given a corpus with one poison text (test-only: a child given it SIGKILLs itself, like an OOM kill)
+    # given a corpus with one poison text (the fault app: a child given it SIGKILLs itself, like an OOM kill)
     texts = list(TEXTS)
     texts[9] = "POISON-PILL " + texts[9]  # row 9 is in chunk 2: rows 8-11
     env = worker_env(fault_broker, tiny_bert, **ROOMY_LIMITS)
-    env["EMBEDQ_TEST_KILL_ON_TEXT"] = "POISON-PILL"
+    env["FAULT_KILL_ON_TEXT"] = "POISON-PILL"
     worker = workers.start(env, concurrency=1)
     out = tmp_path / "out.npy"
 
