@@ -69,6 +69,7 @@ def test_an_unreadable_field_keeps_its_default_instead_of_failing_status() -> No
 
 DONE: events.ChunkDone = {
     "type": "done",
+    "attempt": 0,
     "chunk": 3,
     "rows": 4,
     "dim": 32,

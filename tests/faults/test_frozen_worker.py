@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import Broker, WorkerFactory, wait_until
 from tests.faults.conftest import ProducerFactory, wait_ready
-from tests.fleet.conftest import CHUNK_ROWS, TEXTS
+from tests.fleet.harness import CHUNK_ROWS, TEXTS
 
 pytestmark = pytest.mark.slow
 
@@ -69,9 +69,11 @@ def test_a_frozen_worker_thawed_after_the_job_drops_its_copy_and_serves_the_next
     finally:
         os.killpg(b.process.pid, signal.SIGCONT)
 
-    # then the job completed exactly, B's chunk sent again because its lease went silent ...
+    # then the job completed exactly, B's chunk sent again because its lease went silent (or, near the
+    # job's tail, as a backup of the straggler it had become, whichever rule fired first) ...
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
-    assert manifest["resent_by_reason"].get("holder_silent", 0) >= 1, manifest
+    resent = manifest["resent_by_reason"]
+    assert resent.get("holder_silent", 0) + resent.get("straggler_backup", 0) >= 1, manifest
     assert manifest["ids"] == [f"doc-{i}" for i in range(len(TEXTS))]
     matrix = np.load(out)
     assert matrix.shape == (len(TEXTS), 384)

@@ -8,6 +8,7 @@ clean run's.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -119,12 +120,14 @@ def test_warm_shutdown_mid_job_finishes_the_running_chunk_and_leaves_the_rest_to
     # when A gets SIGTERM (a warm shutdown) while its chunk runs
     slow.process.send_signal(signal.SIGTERM)
 
-    # then A finishes that chunk before it exits, and takes no other
+    # then A finishes that chunk before it exits (stored, or dropped when B's backup copy of the
+    # straggler won first), and takes no other
     assert slow.wait(30) == 0, slow.log()[-3000:]
-    assert succeeded(slow.log()) == {running: 1}, slow.log()[-3000:]
-    # and B does the rest: the job completes once, with a clean run's output
+    finished = re.findall(r"embedq\.embed_chunk\[([^\]]+)\] succeeded", slow.log())
+    assert finished == [running], slow.log()[-3000:]
+    # and B does the rest: the job completes with every chunk stored and a clean run's output
     assert producer.wait(90) == 0, producer.stderr() + fast.log()[-3000:]
-    assert sum(succeeded(slow.log(), fast.log()).values()) == len(TEXTS) // 4
+    assert sorted(succeeded_chunks(slow.log(), fast.log())) == list(range(len(TEXTS) // 4))
     assert_same_output(out, reference)
 
 
