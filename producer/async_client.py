@@ -11,23 +11,43 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
 import redis.asyncio as aredis
 
-from producer.client import _ClientBase
+from producer.client import INTERACTIVE, _ClientBase, queue_keys
 
 
 class AsyncEmbedClient(_ClientBase):
-    """The asyncio client: `await embed(texts)` never blocks the event loop (redis.asyncio underneath)."""
+    """The asyncio client: `await embed(texts)` never blocks the event loop (redis.asyncio underneath).
+
+    `max_connections` bounds its Redis pool; a request that finds every connection taken waits for
+    one (up to `pool_timeout_s`) rather than failing with "Too many connections". Size it from the
+    concurrency the caller allows: each `embed` in flight holds one connection while it waits.
+    """
+
+    def __init__(self, *args: Any, max_connections: int = 100, pool_timeout_s: float = 30.0, **kwargs: Any) -> None:
+        self._max_connections = max_connections
+        self._pool_timeout_s = pool_timeout_s
+        super().__init__(*args, **kwargs)
 
     def _connect(self) -> None:
-        self.redis = aredis.Redis.from_url(self._core.settings.broker_url, socket_connect_timeout=5)
+        pool = aredis.BlockingConnectionPool.from_url(
+            self._core.settings.broker_url,
+            max_connections=self._max_connections,
+            timeout=self._pool_timeout_s,
+            socket_connect_timeout=5,
+        )
+        self.redis = aredis.Redis.from_pool(pool)
 
     async def queue_depth(self) -> int:
-        return int(await self.redis.llen(self._core.queue_key))
+        """Messages waiting in the interactive queue, in all of kombu's priority lists."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in queue_keys(self._core.keys, INTERACTIVE):
+                pipe.llen(key)
+            return int(sum(await pipe.execute()))
 
     async def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
         """Embed `texts` -> float32 (n, dim); see `embed_with_usage` for the token count too."""

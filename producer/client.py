@@ -42,22 +42,29 @@ from workers.store import RedisStore
 INTERACTIVE = "interactive"
 #: Texts per task: small, so that a large request spreads over every worker.
 DEFAULT_CHUNK_ROWS = 32
+#: kombu's redis transport keeps one list per queue and priority step: "queue", "queue\x06\x163", ...
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def queue_keys(keys: Keys, queue: str) -> list[str]:
+    """The Redis lists behind `queue`, one per kombu priority step."""
+    return [f"{keys.prefix}:{queue}{suffix}" for suffix in _PRIORITY_SUFFIXES]
 
 
 def validate_texts(texts: Any) -> list[str]:
     """`texts` as a list of strings, or InvalidRecords naming each bad index and why."""
-    if isinstance(texts, str):
-        return [texts]
-    if not isinstance(texts, (list, tuple)):
+    if not isinstance(texts, (str, list, tuple)):
         raise InvalidRecords([(0, f"expected a string or a list of strings, got {type(texts).__name__}")])
+    items = [texts] if isinstance(texts, str) else texts
     problems = []
-    for index, value in enumerate(texts):
+    # One check for a single string and for each list item: a lone surrogate is refused either way.
+    for index, value in enumerate(items):
         reason = check_text(value, "input")
         if reason:
             problems.append((index, reason.replace("field 'input' ", "")))
     if problems:
         raise InvalidRecords(problems)
-    return list(texts)
+    return list(items)
 
 
 def served_model(settings: Settings) -> ModelInfo:

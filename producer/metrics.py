@@ -16,11 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from producer.client import queue_keys
 from workers.config import QUEUES
 from workers.keys import Keys
-
-#: kombu's redis transport keeps one list per queue and priority step: "queue", "queue\x06\x163", ...
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 #: stats field -> (metric name, help, scale)
 _COUNTERS = {
@@ -42,8 +40,8 @@ _COUNTERS = {
 def queue_depth(client: redis.Redis, keys: Keys, queue: str) -> int:
     """Messages waiting in `queue` (all of its priority lists)."""
     with client.pipeline(transaction=False) as pipe:
-        for suffix in _PRIORITY_SUFFIXES:
-            pipe.llen(f"{keys.prefix}:{queue}{suffix}")
+        for key in queue_keys(keys, queue):
+            pipe.llen(key)
         return int(sum(pipe.execute()))
 
 
