@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("embedq.gateway")
@@ -123,6 +124,15 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """Bytes that are not HTTP (or headers over `max_header_bytes`): 400 in OpenAI's shape, then close."""
+        body = error_body(msg, "invalid_request_error", "invalid_http")
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        with contextlib.suppress(h11.LocalProtocolError):  # h11 may refuse to answer at all; then just close
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
 
     def _arm(self) -> None:
         if self._header_timer is None and not self.transport.is_closing():
