@@ -167,6 +167,7 @@ class GuardedH11Protocol(H11Protocol):
                 (b"content-type", b"application/json"),
                 (b"retry-after", str(RETRY_AFTER_S).encode()),
                 (b"connection", b"close"),
+                (b"content-length", str(len(body)).encode()),
             ]
             await send({"type": "http.response.start", "status": 429, "headers": headers})
             await send({"type": "http.response.body", "body": body})
