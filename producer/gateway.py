@@ -30,6 +30,7 @@ from prometheus_client import Histogram
 
 from producer.async_client import AsyncEmbedClient
 from producer.client import validate_texts
+from producer.coalesce import Coalescer
 from producer.gateway_guard import ApiError, Guard, install_error_handlers, log
 from producer.limits import RETRY_AFTER_S, Admission, HttpLimits, Overloaded, protocol_class
 from producer.metrics import fleet_registry, render
@@ -196,6 +197,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
     )
     sync_redis = connect(settings.broker_url, check=False)
     admission = Admission(opts.max_concurrency, opts.max_waiting)
+    coalescer = Coalescer(lambda texts, timeout_s: client.embed_with_usage(texts, timeout=timeout_s))
     probes = Admission(MAX_PROBES, 4 * MAX_PROBES)
 
     @contextlib.asynccontextmanager
@@ -245,7 +247,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
             )
             raise overloaded(queue_full, "queue_full")
         try:
-            matrix, tokens = await client.embed_with_usage(texts, timeout=opts.timeout_s)
+            matrix, tokens = await coalescer.embed(texts, opts.timeout_s)
         except InvalidRecords as error:
             raise ApiError(400, str(error), param="input", code="invalid_input") from None
         except RequestTimeout as error:
