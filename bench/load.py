@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +26,10 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from producer.embedded_redis import free_port  # noqa: E402
+from producer.local_cluster import start_process, stop_process  # noqa: E402
 
 
 def healthy(base: str) -> bool:
@@ -50,26 +46,15 @@ def start_up(model: str | None, extra: list[str], log: Path) -> tuple[subprocess
     argv += (["--model", model] if model else []) + extra
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    process = start_process(argv, env=env, log_path=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while not healthy(base):
         if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
+            stop_process(process, timeout_s=30)
             sys.exit(f"load: embedq up did not become healthy: {log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.5)
     return process, base
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_wrk(base: str, clients: int, duration_s: int) -> dict[str, object]:
@@ -138,7 +123,7 @@ def main() -> None:
                 print(f"load: /health is not 200 after {clients} clients", flush=True)
         print(f"(gateway healthy afterwards: {healthy(base)}; load average {os.getloadavg()[0]:.1f} at the end)")
     finally:
-        stop(process)
+        stop_process(process, timeout_s=30)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -108,7 +107,7 @@ class Fleet:
 class UpStack:
     """A running `embedq up` (real Valkey, workers, Flower and gateway) and what it printed."""
 
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     log: Path
     port: int
     flower_port: int
@@ -147,21 +146,8 @@ def embedq_up(folder: Path, model: Path, *flags: str, env: dict[str, str] | None
     port, flower_port = free_port(), free_port()
     log = folder / "up.log"
     argv = [sys.executable, "-m", "producer.cli", "up", "--port", str(port), "--flower-port", str(flower_port)]
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [*argv, "--model", str(model), *flags],
-            env=python_env(**(env or {})),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    process = start_process([*argv, "--model", str(model), *flags], env=python_env(**(env or {})), log_path=log)
     try:
         yield UpStack(process, log, port, flower_port)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout_s=30)  # SIGTERM: `embedq up` stops what it started, then exits
