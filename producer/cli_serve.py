@@ -30,6 +30,9 @@ def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
     serve.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
     serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request; more gets 413")
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="request body size; more gets 413")
+    serve.add_argument(
+        "--max-request-chars", type=int, default=500_000, help="characters of all texts per request; more gets 413"
+    )
     serve.add_argument("--max-queue", type=int, default=1000, help="interactive queue length beyond which 429")
     serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request waits for workers (then 504)")
     serve.add_argument(
@@ -88,6 +91,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     for name in (
         "max_inputs",
         "max_body_mb",
+        "max_request_chars",
         "max_queue",
         "timeout",
         "max_concurrency",
@@ -105,6 +109,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     options = GatewayOptions(
         max_inputs=args.max_inputs,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_request_chars=args.max_request_chars,
         max_queue=args.max_queue,
         max_concurrency=args.max_concurrency,
         max_waiting=args.max_waiting,

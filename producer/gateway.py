@@ -52,6 +52,9 @@ class GatewayOptions:
     #: Items in one request's `input` (OpenAI allows 2048).
     max_inputs: int = 2048
     max_body_bytes: int = 8 * MIB
+    #: Characters of all texts in one request (about 4 per token): more is 413, so that one request cannot
+    #: hold the workers past its own timeout (~125k tokens take ~25 s on 2 cores, README Performance).
+    max_request_chars: int = 500_000
     #: Messages waiting in the interactive queue beyond which requests get 429.
     max_queue: int = 1000
     #: Requests waiting on workers at once (each holds one Redis connection); the pool is sized from it.
@@ -196,7 +199,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
         max_connections=opts.max_concurrency + POOL_HEADROOM,
     )
     sync_redis = connect(settings.broker_url, check=False)
-    admission = Admission(opts.max_concurrency, opts.max_waiting)
+    admission = Admission(opts.max_concurrency, opts.max_waiting, opts.timeout_s)
     coalescer = Coalescer(lambda texts, timeout_s: client.embed_with_usage(texts, timeout=timeout_s))
     probes = Admission(MAX_PROBES, 4 * MAX_PROBES)
 
@@ -239,6 +242,15 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
     async def embed(request: Request) -> Response:
         body = parse_json(await read_body(request, opts.max_body_bytes, opts.http.body_timeout_s))
         texts = parse_input(body.get("input"), opts.max_inputs)
+        chars = sum(len(text) for text in texts)
+        if chars > opts.max_request_chars:
+            raise ApiError(
+                413,
+                f"'input' holds {chars} characters; send at most {opts.max_request_chars} per request "
+                "(split it into several requests)",
+                param="input",
+                code="input_too_large",
+            )
         encoding_format, dimensions = parse_options(body, model_ids(client), client.dim)
         depth = await client.queue_depth()
         if depth >= opts.max_queue:

@@ -56,9 +56,11 @@ class Overloaded(Exception):
 class Admission:
     """At most `max_active` requests inside, `max_waiting` more waiting; the next is refused at once."""
 
-    def __init__(self, max_active: int, max_waiting: int) -> None:
+    def __init__(self, max_active: int, max_waiting: int, max_wait_s: float = 60.0) -> None:
         self.max_active = max_active
         self.max_waiting = max_waiting
+        #: A request that gets no slot within this long is refused too, rather than left to time out later.
+        self.max_wait_s = max_wait_s
         self._slots = asyncio.Semaphore(max_active)
         self.waiting = 0
 
@@ -72,7 +74,11 @@ class Admission:
             )
         self.waiting += 1
         try:
-            await self._slots.acquire()
+            await asyncio.wait_for(self._slots.acquire(), self.max_wait_s)
+        except TimeoutError:
+            raise Overloaded(
+                f"no free slot within {self.max_wait_s:g} s ({self.max_active} requests in flight); retry shortly"
+            ) from None
         finally:
             self.waiting -= 1
         try:

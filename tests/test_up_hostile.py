@@ -113,6 +113,7 @@ HOSTILE_BODIES = {
     "UTF-16 BOM": "\ufeff{}".encode("utf-16"),
     "truncated": b'{"input": "x"',
     "NUL bytes": b'{"input": "x\x00"}\x00',
+    "the most work one body can ask for": json.dumps({"input": ["long words " * 360] * 2048}).encode(),
 }
 
 
