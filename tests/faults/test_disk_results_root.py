@@ -15,8 +15,10 @@ import pytest
 from producer.broker import send_chunk, sender_app
 from tests.conftest import Broker, WorkerFactory
 from tests.faults.conftest import wait_ready, worker_env
+from workers.errors import ResultsRefused
 from workers.keys import Keys
 from workers.model_info import resolve_model
+from workers.store import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -65,16 +67,8 @@ def test_disk_results_outside_the_workers_root_are_refused_in_one_line(
     app.close()
 
 
-@pytest.mark.timeout(120)
-def test_a_worker_started_without_a_root_writes_no_disk_results(
-    fault_broker: Broker, workers: WorkerFactory, tiny_bert: Path, tmp_path: Path
-) -> None:
-    worker = workers.start(worker_env(fault_broker, tiny_bert))
-    wait_ready(worker)
-    app = sender_app(fault_broker.settings())
-    options = {"model": resolve_model(str(tiny_bert)).name, "results": f"disk:{tmp_path / 'anywhere'}"}
-    send_chunk(app, "jobnoroot", 0, ["a text"], options, queue="bulk")
-    event = outcome(fault_broker, "jobnoroot")
-    assert event["type"] == "failed" and "none was set" in str(event["reason"]), event
+def test_a_worker_started_without_a_root_opens_no_disk_store(tmp_path: Path) -> None:
+    # the same check the worker runs (WorkerContext.store) when EMBEDQ_DISK_RESULTS_ROOT is empty
+    with pytest.raises(ResultsRefused, match="none was set"):
+        open_store(f"disk:{tmp_path / 'anywhere'}", redis_url="redis://unused", key_prefix="x", ttl_s=1, disk_root="")
     assert not (tmp_path / "anywhere").exists()
-    app.close()
