@@ -17,7 +17,8 @@ import numpy as np
 import redis
 import redis.asyncio as aredis
 
-from producer.client import INTERACTIVE, _ClientBase, queue_keys
+from producer.client import INTERACTIVE, _ClientBase
+from workers.keys import queue_keys
 
 
 class AsyncEmbedClient(_ClientBase):

@@ -45,7 +45,8 @@ def send_chunk(
     task_id = f"{job}-{chunk}-{attempt}"
     app.send_task(
         TASK_EMBED_CHUNK,
-        args=[job, chunk, texts, options],
+        # The attempt travels with the task: the worker's lease names it (workers/lease.py).
+        args=[job, chunk, texts, {**options, "attempt": attempt}],
         task_id=task_id,
         queue=queue,
         routing_key=queue,

@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall-timeout", type=float, default=600.0, help="seconds without news before silent chunks are sent again"
     )
     embed.add_argument(
+        "--workers-lost-timeout",
+        type=float,
+        default=60.0,
+        help="seconds with no live worker on the broker (none started, or every host lost) before the job fails, "
+        "naming the rows not embedded (default: %(default)s)",
+    )
+    embed.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
     embed.set_defaults(func=cmd_embed)
@@ -176,6 +183,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         input_format=args.input_format,
         on_invalid=args.on_invalid,
         stall_timeout_s=args.stall_timeout,
+        workers_lost_s=args.workers_lost_timeout,
     )
     say = _say
     if embedded:

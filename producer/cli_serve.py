@@ -183,4 +183,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print("no jobs recorded on this broker yet")
         return exitcodes.OK
     print(render(statuses))
+    if args.job:
+        from producer.status import render_running, running_chunks
+
+        print()
+        print(render_running(running_chunks(client, Keys(settings.key_prefix), args.job)))
     return exitcodes.OK

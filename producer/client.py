@@ -42,13 +42,6 @@ from workers.store import RedisStore
 INTERACTIVE = "interactive"
 #: Texts per task: small, so that a large request spreads over every worker.
 DEFAULT_CHUNK_ROWS = 32
-#: kombu's redis transport keeps one list per queue and priority step: "queue", "queue\x06\x163", ...
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-
-def queue_keys(keys: Keys, queue: str) -> list[str]:
-    """The Redis lists behind `queue`, one per kombu priority step."""
-    return [f"{keys.prefix}:{queue}{suffix}" for suffix in _PRIORITY_SUFFIXES]
 
 
 def validate_texts(texts: Any) -> list[str]:

@@ -6,6 +6,7 @@ and the sorted set `Keys.jobs()` orders jobs by start time.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -100,5 +101,61 @@ def render(statuses: list[JobStatus]) -> str:
         lines.append(
             f"{s.job:<16}  {s.state:<8}  {chunks:>11}  {docs:>15}  {s.docs_per_s:>8.1f}  "
             f"{_eta(s.eta_s):>7}  {s.failures:>6}  {s.input}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RunningChunk:
+    """One copy of a chunk that a pool child holds right now, from its lease (workers/lease.py)."""
+
+    chunk: int
+    attempt: int
+    worker: str
+    host: str
+    pid: int
+    lease_age_s: float
+    renewals: int
+    max_gap_ms: int
+    sends: int
+
+
+def running_chunks(client: redis.Redis, keys: Keys, job: str, now: float | None = None) -> list[RunningChunk]:
+    """Every live lease of `job`, with how many times the producer sent its chunk, by chunk then attempt."""
+    now = time.time() if now is None else now
+    names = sorted(cast(list[bytes], list(client.scan_iter(match=keys.leases(job), count=1000))))
+    if not names:
+        return []
+    sends = {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], client.hgetall(keys.sends(job))).items()}
+    found = []
+    for name, raw in zip(names, cast(list[bytes | None], client.mget(names)), strict=True):
+        if raw is None:
+            continue  # expired between the scan and the read
+        record = json.loads(raw)
+        chunk = int(name.decode().rsplit(":", 2)[1])
+        found.append(
+            RunningChunk(
+                chunk,
+                int(record.get("attempt", 0)),
+                str(record.get("worker", "")),
+                str(record.get("host", "?")),
+                int(record.get("pid", 0)),
+                max(0.0, now - float(record.get("started", now))),
+                int(record.get("renewals", 0)),
+                int(record.get("max_gap_ms", 0)),
+                sends.get(str(chunk), 1),
+            )
+        )
+    return sorted(found, key=lambda r: (r.chunk, r.attempt))
+
+
+def render_running(chunks: list[RunningChunk]) -> str:
+    """Who holds each running chunk: host, pid, lease age and how many times the chunk was sent."""
+    if not chunks:
+        return "no chunk running right now"
+    lines = [f"{'CHUNK':>7}  {'ATTEMPT':>7}  {'HOST':<24}  {'PID':>7}  {'LEASE AGE':>9}  {'SENT':>4}"]
+    for c in chunks:
+        lines.append(
+            f"{c.chunk:>7}  {c.attempt:>7}  {c.host[:24]:<24}  {c.pid:>7}  {c.lease_age_s:>8.1f}s  {c.sends:>4}"
         )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from workers.config import Settings, celery_config
+from workers.config import QUEUES, Settings, celery_config
 from workers.errors import EmbedqError
 
 log = logging.getLogger("embedq.worker")
@@ -209,9 +209,30 @@ def _child_pids() -> list[int]:
     return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat") if _stat_fields(stat)[1:2] == [me]]
 
 
+#: This worker's liveness key renewer (workers/liveness.py), started once the worker is ready.
+_beacon: Any = None
+
+
+@signals.worker_ready.connect
+def after_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Main process: tell the fleet this worker is alive, for as long as it is (a key with a short TTL)."""
+    global _beacon
+    from workers.keys import Keys, connect
+    from workers.liveness import WorkerBeacon
+    from workers.runtime import worker_socket_options
+
+    hostname = str(getattr(sender, "hostname", "") or os.getpid())
+    queues = sorted(q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", []) or [])
+    info = {"queues": queues or list(QUEUES), "model": settings.model or "all-MiniLM-L6-v2"}
+    client = connect(settings.broker_url, check=False, **worker_socket_options(settings))
+    _beacon = WorkerBeacon(client, Keys(settings.key_prefix), hostname, info, settings.lease_ttl_s).start()
+
+
 @signals.worker_shutdown.connect
 def after_worker_stop(sender: Any = None, **_: Any) -> None:
     """Main process: exit 78 when a child stopped the worker for a start-up error; forget the markers."""
+    if _beacon is not None:
+        _beacon.stop()
     hang_s = float(os.environ.get("EMBEDQ_TEST_SHUTDOWN_HANG_S") or 0)  # test-only: play a stuck shutdown
     if hang_s > 0:
         time.sleep(hang_s)

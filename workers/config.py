@@ -62,6 +62,12 @@ class Settings:
     visibility_timeout_s: float = 3600.0
     task_time_limit_s: float = 1800.0
     task_soft_time_limit_s: float = 1740.0
+    #: A running chunk's lease lives this long unless its pool child renews it (every fifth of it): a
+    #: silent holder (host lost, partitioned, frozen) has its chunk sent again about this long after.
+    lease_ttl_s: float = 10.0
+    #: Socket timeout and health-check interval of every Redis connection of a worker: a worker whose
+    #: link is cut notices within about this long instead of the kernel's ~15 minutes.
+    broker_timeout_s: float = 5.0
     #: A chunk whose worker died this many times is quarantined instead of retried again.
     max_deliveries: int = 3
     result_ttl_s: int = 24 * 3600
@@ -106,6 +112,13 @@ class Settings:
             )
         if self.max_child_memory_mb is not None and self.max_child_memory_mb < 0:
             raise ConfigError(f"EMBEDQ_MAX_CHILD_MEMORY_MB={self.max_child_memory_mb}: must be 0 (off) or a size in MB")
+        if not 1.0 <= self.lease_ttl_s < self.task_time_limit_s:
+            raise ConfigError(
+                f"EMBEDQ_LEASE_TTL_S={self.lease_ttl_s:g}: must be at least 1 s and below the hard time limit "
+                f"({self.task_time_limit_s:g} s)"
+            )
+        if self.broker_timeout_s < 1.0:
+            raise ConfigError(f"EMBEDQ_BROKER_TIMEOUT_S={self.broker_timeout_s:g}: must be at least 1 s")
         if self.max_deliveries < 1:
             raise ConfigError(f"EMBEDQ_MAX_DELIVERIES={self.max_deliveries}: must be at least 1")
         if not self.key_prefix or ":" in self.key_prefix:
@@ -165,6 +178,19 @@ def _restore_sweep(visibility_timeout_s: float) -> dict[str, int]:
     return {"unacked_restore_interval": interval_s, "unacked_restore_throttle": max(1, sweep_s // interval_s)}
 
 
+def keepalive_options(timeout_s: float) -> dict[int, int]:
+    """TCP keepalive probes that declare a silent peer dead after about `timeout_s` (Linux names)."""
+    import socket
+
+    idle_s = max(1, int(timeout_s / 2))
+    options = {}
+    probes = max(1, int(timeout_s) - idle_s)
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, name):
+            options[getattr(socket, name)] = value
+    return options
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for embedq; see ARCHITECTURE.md for why each delivery setting is what it is."""
     return {
@@ -176,6 +202,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # seconds (100 s by default); tie the sweep to the visibility timeout so that it stays small
             # next to it, whatever the timeout is.
             **_restore_sweep(settings.visibility_timeout_s),
+            # Redis has no heartbeats: without these a worker on a cut link waits on a dead socket for the
+            # kernel's ~15 minutes. kombu >= 5.7 also drops a BRPOP whose reply is overdue by this long.
+            "socket_timeout": settings.broker_timeout_s * 2,
+            "socket_connect_timeout": settings.broker_timeout_s,
+            "socket_keepalive": True,
+            "socket_keepalive_options": keepalive_options(settings.broker_timeout_s),
+            "health_check_interval": max(1, int(settings.broker_timeout_s)),
+            "retry_on_timeout": False,
             # Poll queues in the order given, so that `interactive` always goes before `bulk`.
             "queue_order_strategy": "priority",
             # Celery's own keys (queues, unacked) share embedq's prefix: tenants and tests never collide.
@@ -197,6 +231,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A host healed after a partition must come back by itself, however long the cut lasted.
+        "broker_connection_max_retries": None,
         "worker_proc_alive_timeout": settings.proc_alive_timeout_s,
         "worker_pool_start_method": settings.pool_start_method,
         "worker_send_task_events": True,

@@ -14,6 +14,9 @@ import redis
 from workers.keys import Keys
 
 EVENTS_TTL_S = 7 * 24 * 3600
+#: Why a producer sent a chunk again (producer/dispatcher.py); counted as `resent_<reason>` in the fleet
+#: counters and exported as embedq_chunks_resent_total{reason=...}.
+RESEND_REASONS = ("holder_silent", "straggler_backup", "redis_restarted", "stall", "result_vanished")
 
 
 def publish(

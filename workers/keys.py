@@ -38,6 +38,30 @@ class Keys:
         """Hash of worker counters (docs, tokens, ...) for metrics."""
         return f"{self.prefix}:stats"
 
+    def lease(self, job: str, chunk: int, attempt: int) -> str:
+        """String with a short TTL: the pool child running this copy of a chunk is alive (workers/lease.py)."""
+        return f"{self.prefix}:lease:{job}:{chunk}:{attempt}"
+
+    def leases(self, job: str) -> str:
+        """SCAN pattern of every lease of `job`."""
+        return f"{self.prefix}:lease:{job}:*"
+
+    def collected(self, job: str) -> str:
+        """Set of chunk numbers the producer has written: a copy finishing later is dropped (first result wins)."""
+        return f"{self.prefix}:collected:{job}"
+
+    def sends(self, job: str) -> str:
+        """Hash chunk -> times the producer sent it (first send, re-sends and backups), for `embedq status`."""
+        return f"{self.prefix}:sends:{job}"
+
+    def worker(self, hostname: str) -> str:
+        """String with a short TTL, renewed by each live worker main process (workers/liveness.py)."""
+        return f"{self.prefix}:worker:{hostname}"
+
+    def workers(self) -> str:
+        """SCAN pattern of every live worker's key."""
+        return f"{self.prefix}:worker:*"
+
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for messages and logs."""
@@ -51,7 +75,8 @@ def redact(url: str) -> str:
 
 def connect(url: str, *, check: bool = True, **options: Any) -> redis.Redis:
     """A Redis client for `url` (redis://, rediss:// with TLS, unix://, passwords and ACL users)."""
-    client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5, **options)
+    options = {"health_check_interval": 30, "socket_connect_timeout": 5, **options}
+    client = redis.Redis.from_url(url, **options)
     if check:
         try:
             client.ping()
@@ -62,3 +87,20 @@ def connect(url: str, *, check: bool = True, **options: Any) -> redis.Redis:
                 f"cannot reach Redis at {redact(url)} ({error}); start it or pass another --broker"
             ) from error
     return client
+
+
+#: kombu's Redis transport keeps one list per priority step; "" is the default priority.
+PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def queue_keys(keys: Keys, queue: str) -> list[str]:
+    """The Redis lists behind `queue`, one per priority step (kombu prefixes them like every embedq key)."""
+    return [f"{keys.prefix}:{queue}{suffix}" for suffix in PRIORITY_SUFFIXES]
+
+
+def queue_depth(client: redis.Redis, keys: Keys, queue: str) -> int:
+    """Messages waiting in `queue` (all of its priority lists)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in queue_keys(keys, queue):
+            pipe.llen(key)
+        return int(sum(pipe.execute()))
