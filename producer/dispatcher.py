@@ -27,7 +27,7 @@ from typing import Any, cast
 import redis
 from celery import Celery
 
-from producer.broker import send_chunk
+from producer.broker import send_chunk, task_id_for
 from producer.job_spec import JobOptions
 from workers import events
 from workers.errors import JobFailed
@@ -70,6 +70,8 @@ class Pending:
     #: attempt -> (when its lease was first seen, the lease record), while it is seen
     held: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)
     backup: bool = False
+    #: attempt -> when its lease was found gone while its worker main process still looked alive
+    suspect: dict[int, float] = field(default_factory=dict)
 
     @property
     def rows(self) -> list[int]:
@@ -156,7 +158,7 @@ class Dispatcher:
             pending.sends += 1
         else:
             pending.backup = True
-        log.warning("sending chunk %d (rows %d-%d) again: %s", pending.index, *pending.rows, why)
+        log.warning("sending chunk %d (rows %d-%d) again: %s", pending.index, pending.start, pending.rows[1] - 1, why)
         self.resent[reason] += 1
         self._with_broker(lambda: self.redis.hincrby(self.keys.stats(), f"resent_{reason}", 1))
         self._send_copy(pending)
@@ -208,18 +210,29 @@ class Dispatcher:
         raw = cast("list[bytes | None]", self._with_broker(lambda: self.redis.mget(names)))
         waiting = None  # chunks with an event not yet popped: fetched only when needed
         queue_empty: bool | None = None
+        alive: set[str] | None = None
         for (pending, attempt), value in zip(copies, raw, strict=True):
             if value is not None:
                 if attempt not in pending.held:
                     pending.held[attempt] = (now, {})
                 pending.held[attempt] = (pending.held[attempt][0], json.loads(value))
+                pending.suspect.pop(attempt, None)
                 continue
             if attempt in pending.held:
                 # Its holder stopped renewing: gone, unless it finished and its event is on the way.
                 waiting = self._chunks_with_events() if waiting is None else waiting
                 if pending.index in waiting:
                     continue
-                holder = pending.held.pop(attempt)[1]
+                holder = pending.held[attempt][1]
+                # A pool child that died on a live worker is requeued by Celery itself (reject on worker
+                # lost) and counted towards quarantine: wait for that, unless the worker goes too, or the
+                # copy stays unheld for two lease lifetimes (a child hung without the GIL).
+                alive = self._alive_nodes() if alive is None else alive
+                since = pending.suspect.setdefault(attempt, now)
+                if holder.get("worker") in alive and now - since < 2 * self.lease_ttl_s:
+                    continue
+                pending.held.pop(attempt)
+                pending.suspect.pop(attempt, None)
                 del pending.attempts[attempt]
                 if not pending.held:
                     self.resend(
@@ -253,7 +266,7 @@ class Dispatcher:
             if pending.backup or not pending.held:
                 continue
             running_s = now - min(seen for seen, _ in pending.held.values())
-            if running_s > threshold_s:
+            if running_s > threshold_s and not self._crashed_before(pending):
                 self.resend(
                     pending,
                     STRAGGLER_BACKUP,
@@ -275,6 +288,17 @@ class Dispatcher:
             f"{len(self.pending)} chunk(s) not embedded, rows {rows}; start workers on this broker and run the same "
             "command again to resume"
         )
+
+    def _crashed_before(self, pending: Pending) -> bool:
+        """True when a copy of this chunk was started more than once: its children die on it (a poison
+        text, the OOM killer), it is not slow, and a backup would only kill another child."""
+        # Fields as workers/tasks.py delivery_field writes them, for the first try of each copy.
+        fields = [f"{pending.index}:{task_id_for(self.job_id, pending.index, a)}:0" for a in pending.attempts]
+        counts = self._with_broker(lambda: self.redis.hmget(self.keys.deliveries(self.job_id), fields))
+        return any(int(count or 0) > 1 for count in counts)
+
+    def _alive_nodes(self) -> set[str]:
+        return {str(w.get("hostname")) for w in self._with_broker(lambda: live_workers(self.redis, self.keys))}
 
     def _chunks_with_events(self) -> set[int]:
         raw = cast("list[bytes]", self._with_broker(lambda: self.redis.lrange(self.keys.events(self.job_id), 0, -1)))

@@ -112,11 +112,8 @@ class Settings:
             )
         if self.max_child_memory_mb is not None and self.max_child_memory_mb < 0:
             raise ConfigError(f"EMBEDQ_MAX_CHILD_MEMORY_MB={self.max_child_memory_mb}: must be 0 (off) or a size in MB")
-        if not 1.0 <= self.lease_ttl_s < self.task_time_limit_s:
-            raise ConfigError(
-                f"EMBEDQ_LEASE_TTL_S={self.lease_ttl_s:g}: must be at least 1 s and below the hard time limit "
-                f"({self.task_time_limit_s:g} s)"
-            )
+        if self.lease_ttl_s < 1.0:
+            raise ConfigError(f"EMBEDQ_LEASE_TTL_S={self.lease_ttl_s:g}: must be at least 1 s")
         if self.broker_timeout_s < 1.0:
             raise ConfigError(f"EMBEDQ_BROKER_TIMEOUT_S={self.broker_timeout_s:g}: must be at least 1 s")
         if self.max_deliveries < 1:

@@ -94,8 +94,11 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         _fail(ctx, job, chunk, reason, quarantined=True)
         return {"chunk": chunk, "quarantined": True}
     worker = f"{_HOST}:{os.getpid()}"
+    # The lease names the Celery node (its liveness key) so that the producer can tell a dead child, which
+    # Celery requeues itself, from a lost host.
+    node = str(self.request.hostname or worker)
     with ChunkLease(
-        ctx.coordination, ctx.keys, job, chunk, attempt, ttl_s=ctx.settings.lease_ttl_s, worker=worker
+        ctx.coordination, ctx.keys, job, chunk, attempt, ttl_s=ctx.settings.lease_ttl_s, worker=node
     ) as lease:
         _test_faults(texts)
         meta = _embed_and_store(self, ctx, job, chunk, texts, options, lease)

@@ -80,8 +80,14 @@ def wait_ready(worker: WorkerProcess, children: int = 1, timeout_s: float = 60.0
 
 
 def succeeded(*logs: str) -> Counter[str]:
-    """Task id -> times a worker logged it as succeeded."""
-    return Counter(m for log in logs for m in re.findall(r"embedq\.embed_chunk\[([^\]]+)\] succeeded", log))
+    """Task id -> times a worker logged it as succeeded (a late copy dropped unstored does not count)."""
+    pattern = r"embedq\.embed_chunk\[([^\]]+)\] succeeded[^\n]*"
+    return Counter(m.group(1) for log in logs for m in re.finditer(pattern, log) if "'dropped'" not in m.group(0))
+
+
+def succeeded_chunks(*logs: str) -> Counter[int]:
+    """Chunk -> times a worker stored it, whichever attempt (a re-sent copy has a new task id)."""
+    return Counter(chunk_of(task) for task, n in succeeded(*logs).items() for _ in range(n))
 
 
 def received(log: str) -> list[str]:

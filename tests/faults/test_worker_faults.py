@@ -22,6 +22,7 @@ from tests.faults.conftest import (
     deliveries,
     first_received,
     succeeded,
+    succeeded_chunks,
     wait_ready,
     wait_started,
     worker_env,
@@ -67,7 +68,7 @@ def test_sigkill_of_a_pool_child_mid_chunk_is_redone_by_a_new_child(
 
 
 @pytest.mark.timeout(90)
-def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_after_the_visibility_timeout(
+def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_within_seconds(
     fault_broker: Broker,
     workers: WorkerFactory,
     producers: ProducerFactory,
@@ -87,9 +88,10 @@ def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_after_th
     os.killpg(slow.process.pid, signal.SIGKILL)
     slow.process.wait(10)
 
-    # then B runs that chunk once Redis gives it back, and the job completes with a clean run's output
+    # then B runs that chunk once (Redis gives it back, or the producer sends it again when A's lease
+    # expires, whichever comes first), and the job completes with a clean run's output
     assert producer.wait(90) == 0, producer.stderr() + fast.log()[-3000:]
-    assert succeeded(fast.log())[taken] == 1, fast.log()[-3000:]
+    assert succeeded_chunks(fast.log())[chunk_of(taken)] >= 1, fast.log()[-3000:]
     assert succeeded(slow.log())[taken] == 0
     assert_same_output(out, reference)
 
@@ -208,6 +210,6 @@ def test_a_chunk_that_kills_its_worker_three_times_is_quarantined_and_the_job_na
     # and the rest of the job completed: every other chunk ran exactly once; the poison one never succeeded
     done = succeeded(worker.log())
     assert sorted(chunk_of(task) for task in done) == [0, 1, 2, 3, 4, 5, 6, 7]  # chunk 2: its quarantine
-    assert worker.log().count("exited with 'signal 9 (SIGKILL)'") == 3, worker.log()[-3000:]
+    assert worker.log().count("exited with 'signal 9 (SIGKILL)'") == 3, stderr + worker.log()[-3000:]
     # and the worker itself survived it
     assert worker.process.poll() is None
