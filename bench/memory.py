@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.corpus import make_corpus  # noqa: E402
 from producer.embedded_redis import EmbeddedRedis  # noqa: E402
-from producer.local_cluster import start_process, stop_process  # noqa: E402
+from producer.processes import start_process, stop_process  # noqa: E402
 
 
 def rss_mb(pid: int) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -22,10 +22,26 @@ from workers.store import decode_result
 
 
 class AsyncEmbedClient(_ClientBase):
-    """The asyncio client: `await embed(texts)` never blocks the event loop (redis.asyncio underneath)."""
+    """The asyncio client: `await embed(texts)` never blocks the event loop (redis.asyncio underneath).
+
+    `max_connections` bounds its Redis pool; a request that finds every connection taken waits for
+    one (up to `pool_timeout_s`) rather than failing with "Too many connections". Size it from the
+    concurrency the caller allows: each `embed` in flight holds one connection while it waits.
+    """
+
+    def __init__(self, *args: Any, max_connections: int = 100, pool_timeout_s: float = 30.0, **kwargs: Any) -> None:
+        self._max_connections = max_connections
+        self._pool_timeout_s = pool_timeout_s
+        super().__init__(*args, **kwargs)
 
     def _connect(self) -> None:
-        self.redis = aredis.Redis.from_url(self._core.settings.broker_url, socket_connect_timeout=5)
+        pool = aredis.BlockingConnectionPool.from_url(
+            self._core.settings.broker_url,
+            max_connections=self._max_connections,
+            timeout=self._pool_timeout_s,
+            socket_connect_timeout=5,
+        )
+        self.redis = aredis.Redis.from_pool(pool)
 
     async def queue_depth(self) -> int:
         """Messages waiting in the interactive queue."""

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from producer import exitcodes
@@ -195,8 +196,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from producer.local_cluster import LocalCluster
 
         say(f"starting an embedded Valkey and {workers} local worker{'s' if workers > 1 else ''} ({args.pool})")
+        kind, disk_path = parse_store_spec(args.results)
         with LocalCluster(
-            settings.replace(model=model.path if model.is_local else settings.model),
+            # Local workers write disk results only under the folder this command names.
+            settings.replace(
+                model=model.path if model.is_local else settings.model,
+                disk_results_root=str(Path(disk_path).resolve()) if kind == "disk" else "",
+            ),
             concurrency=workers,
             pool=args.pool,
         ) as cluster:

@@ -23,9 +23,17 @@ def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--broker", default=None, help="redis://… of the workers (default: EMBEDQ_BROKER_URL or local)")
     serve.add_argument("--model", default=None, help="the model the workers serve (default: the packaged MiniLM)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EMBEDQ_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY'; visible in `ps`: prefer --api-key-file or EMBEDQ_API_KEY",
+    )
+    serve.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
     serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request; more gets 413")
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="request body size; more gets 413")
+    serve.add_argument(
+        "--max-request-chars", type=int, default=500_000, help="characters of all texts per request; more gets 413"
+    )
     serve.add_argument("--max-queue", type=int, default=1000, help="interactive queue length beyond which 429")
     serve.add_argument("--timeout", type=float, default=60.0, help="seconds a request waits for workers (then 504)")
     serve.add_argument(
@@ -35,6 +43,16 @@ def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
         help="cache embeddings of repeated texts in Redis",
     )
     serve.add_argument("--cache-ttl", type=int, default=24 * 3600, help="seconds a cached embedding lives")
+    limits = serve.add_argument_group("load and slow clients (see producer/limits.py)")
+    limits.add_argument(
+        "--max-concurrency", type=int, default=256, help="requests waiting on workers at once (Redis pool = this + 16)"
+    )
+    limits.add_argument("--max-waiting", type=int, default=1024, help="requests queued for a slot; more get 429")
+    limits.add_argument("--max-connections", type=int, default=2048, help="open connections; more get 429, closed")
+    limits.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send complete headers")
+    limits.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send the body (then 408)")
+    limits.add_argument("--keep-alive-timeout", type=int, default=5, help="seconds an idle connection stays open")
+    limits.add_argument("--max-header-kb", type=int, default=16, help="request line + headers; more gets 400")
     serve.set_defaults(func=lambda args: cmd_serve(args, settings_from(args)))
 
     up = sub.add_parser("up", help="run Valkey, workers, Flower and the gateway on this machine until Ctrl-C")
@@ -61,20 +79,47 @@ def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     extras.require("embedq serve", "serve")
     from producer.gateway import GatewayOptions, serve
+    from producer.limits import HttpLimits
     from workers.keys import connect, redact
 
-    if args.api_key:
-        settings = settings.replace(api_key=args.api_key)
-    if args.max_inputs < 1 or args.max_body_mb <= 0 or args.max_queue < 1 or args.timeout <= 0:
-        raise ConfigError("--max-inputs, --max-body-mb, --max-queue and --timeout must be positive")
+    api_key = read_secret_file(args.api_key_file, "--api-key-file") if args.api_key_file else args.api_key
+    if api_key:
+        settings = settings.replace(api_key=api_key)
+    for name in (
+        "max_inputs",
+        "max_body_mb",
+        "max_request_chars",
+        "max_queue",
+        "timeout",
+        "max_concurrency",
+        "max_connections",
+        "header_timeout",
+        "body_timeout",
+        "keep_alive_timeout",
+        "max_header_kb",
+    ):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    if args.max_waiting < 0:
+        raise ConfigError(f"--max-waiting {args.max_waiting}: must be 0 or more")
     connect(settings.broker_url).close()  # fail fast with exit code 4 when the broker is not there
     options = GatewayOptions(
         max_inputs=args.max_inputs,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_request_chars=args.max_request_chars,
         max_queue=args.max_queue,
+        max_concurrency=args.max_concurrency,
+        max_waiting=args.max_waiting,
         timeout_s=args.timeout,
         cache=args.cache,
         cache_ttl_s=args.cache_ttl,
+        http=HttpLimits(
+            max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keep_alive_timeout_s=args.keep_alive_timeout,
+            max_header_bytes=args.max_header_kb * 1024,
+        ),
     )
     print(
         f"embedq: gateway on http://{args.host}:{args.port} for workers at {redact(settings.broker_url)}"
@@ -84,6 +129,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     serve(settings, args.host, args.port, options)
     return exitcodes.OK
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    """The first line of a secret file (a key, a password), without its newline; ConfigError if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            secret = handle.readline().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{flag} {path!r}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    if not secret:
+        raise ConfigError(f"{flag} {path!r}: the file is empty; put the secret on its first line")
+    return secret
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:

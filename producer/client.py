@@ -55,18 +55,18 @@ DEFAULT_CHUNK_ROWS = 32
 
 def validate_texts(texts: Any) -> list[str]:
     """`texts` as a list of strings, or InvalidRecords naming each bad index and why."""
-    if isinstance(texts, str):
-        return [texts]
-    if not isinstance(texts, (list, tuple)):
+    if not isinstance(texts, (str, list, tuple)):
         raise InvalidRecords([(0, f"expected a string or a list of strings, got {type(texts).__name__}")])
+    items = [texts] if isinstance(texts, str) else texts
     problems = []
-    for index, value in enumerate(texts):
+    # One check for a single string and for each list item: a lone surrogate is refused either way.
+    for index, value in enumerate(items):
         reason = check_text(value, "input")
         if reason:
             problems.append((index, reason.replace("field 'input' ", "")))
     if problems:
         raise InvalidRecords(problems)
-    return list(texts)
+    return list(items)
 
 
 def served_model(settings: Settings) -> ModelInfo:

@@ -7,6 +7,7 @@ Ctrl-C, SIGTERM or even a SIGKILL of `embedq up` leaves nothing running behind i
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.embedded_redis import EmbeddedRedis
+from producer.embedded_redis import EmbeddedRedis, write_private
 from producer.local_cluster import worker_command
 from producer.processes import start_process, stop_process
 from workers.config import Settings
@@ -60,6 +61,17 @@ def flower_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--address={host}", f"--port={port}"]
 
 
+def flower_credential(environ: dict[str, str]) -> tuple[str, bool]:
+    """Flower's `user:password`: the user's FLOWER_BASIC_AUTH (Flower's own variable), else a new random one.
+
+    Returns it and whether it was generated (then `embedq up` prints it, once). It reaches Flower
+    through its environment, never its argv (`ps` shows argv to every local user).
+    """
+    if environ.get("FLOWER_BASIC_AUTH"):
+        return environ["FLOWER_BASIC_AUTH"], False
+    return f"embedq:{secrets.token_urlsafe(18)}", True
+
+
 def gateway_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "producer.cli", "serve", "--host", host, "--port", str(port)]
 
@@ -92,30 +104,39 @@ class Stack:
     def start(self) -> dict[str, str]:
         """Start everything; returns what runs where."""
         broker_url = self.settings.broker_url
+        broker_note = ""
         if self.embedded:
             self.server = EmbeddedRedis(self.folder / "valkey").start()
             broker_url = self.server.url
+            # The password stays off argv and the terminal: local tools read the URL from a 0600 file.
+            url_file = write_private(self.folder / "broker.url", broker_url + "\n")
+            broker_note = f" (embedded Valkey, password required; the full URL is in {url_file}, readable by you only)"
         settings = self.settings.replace(broker_url=broker_url)
         env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        env.pop("FLOWER_BASIC_AUTH", None)
+        flower_auth, generated = flower_credential(dict(os.environ))
         commands = {
-            "worker": worker_command(self.workers, hostname=f"embedq-up-{os.getpid()}@%h", loglevel="INFO"),
-            "flower": flower_command(self.host, self.flower_port),
-            "gateway": gateway_command(self.host, self.port),
+            "worker": (worker_command(self.workers, hostname=f"embedq-up-{os.getpid()}@%h", loglevel="INFO"), env),
+            "flower": (flower_command(self.host, self.flower_port), {**env, "FLOWER_BASIC_AUTH": flower_auth}),
+            "gateway": (gateway_command(self.host, self.port), env),
         }
-        for name, command in commands.items():
+        for name, (command, service_env) in commands.items():
             log_path = self.folder / f"{name}.log"
-            self.services.append(Service(name, start_process(command, env=env, log_path=log_path), log_path))
+            self.services.append(Service(name, start_process(command, env=service_env, log_path=log_path), log_path))
         if self.reserved:
             command, lane_env = interactive_worker(settings, self.reserved, f"embedq-up-interactive-{os.getpid()}@%h")
             log_path = self.folder / "interactive-worker.log"
             self.services.insert(
                 0, Service("interactive worker", start_process(command, env=lane_env, log_path=log_path), log_path)
             )
+        user, _, password = flower_auth.partition(":")
+        shown = f"user {user!r}, password {password!r} (set FLOWER_BASIC_AUTH=user:password to choose)"
         return {
-            "broker": redact(broker_url) + (" (embedded Valkey)" if self.embedded else ""),
+            "broker": redact(broker_url) + broker_note,
             "workers": f"{self.workers} pool children, {self.reserved} reserved for interactive requests "
             f"(logs in {self.folder})",
-            "flower": f"http://{self.host}:{self.flower_port}",
+            "flower": f"http://{self.host}:{self.flower_port}  basic auth: "
+            + (shown if generated else f"user {user!r} from FLOWER_BASIC_AUTH"),
             "gateway": f"http://{self.host}:{self.port}  (POST /v1/embeddings, GET /health, GET /metrics)",
         }
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,3 +102,53 @@ class Fleet:
         for process in self.processes:
             stop_process(process, timeout_s=10)
         self.processes.clear()
+
+
+@dataclass
+class UpStack:
+    """A running `embedq up` (real Valkey, workers, Flower and gateway) and what it printed."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    flower_port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def printed(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        """Until `embedq up` printed where everything is and its gateway's /health is green."""
+        printed = "Ctrl-C stops everything"
+        assert wait_until(lambda: printed in self.printed() or self.process.poll() is not None, 60), self.printed()
+        assert self.process.poll() is None, self.printed()
+        healthy = lambda: responds(f"{self.base}/health") and http("GET", f"{self.base}/health")[0] == 200  # noqa: E731
+        assert wait_until(healthy, timeout_s), self.printed()
+
+    def broker_url(self) -> str:
+        """The embedded Valkey's URL with its password, from the 0600 file `embedq up` named."""
+        found = re.search(r"the full URL is in (\S+),", self.printed())
+        assert found, self.printed()
+        return Path(found.group(1)).read_text().strip()
+
+    def flower_auth(self) -> tuple[str, str]:
+        """The (user, password) `embedq up` generated for Flower and printed once."""
+        found = re.search(r"basic auth: user '([^']+)', password '([^']+)'", self.printed())
+        assert found, self.printed()
+        return found.group(1), found.group(2)
+
+
+@contextlib.contextmanager
+def embedq_up(folder: Path, model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[UpStack]:
+    """Start `embedq up` on free loopback ports with `model`; SIGTERM (then SIGKILL) it afterwards."""
+    port, flower_port = free_port(), free_port()
+    log = folder / "up.log"
+    argv = [sys.executable, "-m", "producer.cli", "up", "--port", str(port), "--flower-port", str(flower_port)]
+    process = start_process([*argv, "--model", str(model), *flags], env=python_env(**(env or {})), log_path=log)
+    try:
+        yield UpStack(process, log, port, flower_port)
+    finally:
+        stop_process(process, timeout_s=30)  # SIGTERM: `embedq up` stops what it started, then exits

@@ -26,11 +26,13 @@ TEXTS = ["The cat sat on the mat.", "Embeddings for web apps", "", "naïve café
 @pytest.fixture(scope="module")
 def fleet(valkey: object, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     serving = Fleet(valkey.url, tiny_bert, tmp_path_factory.mktemp("gateway"))  # type: ignore[attr-defined]
+    key_file = serving.folder / "api-key"
+    key_file.write_text(API_KEY + "\n")
     try:
         serving.start_worker()
         serving.main = serving.start_gateway(
-            "--api-key",
-            API_KEY,
+            "--api-key-file",
+            str(key_file),
             "--max-inputs",
             "8",  # type: ignore[attr-defined]
             "--max-body-mb",
@@ -114,6 +116,17 @@ def test_a_wrong_or_missing_api_key_is_401(fleet: Fleet) -> None:
     with pytest.raises(openai.AuthenticationError, match="API key"):
         client(fleet.main, key="wrong").embeddings.create(input="x", model=model_id(fleet))  # type: ignore[attr-defined]
     status, body = http("POST", f"{fleet.main}/v1/embeddings", {"input": "x"})  # type: ignore[attr-defined]
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+
+
+def test_docs_and_the_openapi_schema_need_the_key_too(fleet: Fleet) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for path in ("/docs", "/openapi.json", "/redoc", "/v1/nowhere"):
+        status, body = http("GET", f"{fleet.main}{path}")  # type: ignore[attr-defined]
+        assert status == 401 and body["error"]["code"] == "invalid_api_key", (path, body)
+    assert http("GET", f"{fleet.main}/openapi.json", headers=auth)[0] == 200  # type: ignore[attr-defined]
+    # a key that is not even ASCII is just a wrong key, compared without error
+    status, body = http("GET", f"{fleet.main}/v1/models", headers={"Authorization": "Bearer \u00ff\u00e9"})  # type: ignore[attr-defined]
     assert status == 401 and body["error"]["type"] == "authentication_error"
 
 

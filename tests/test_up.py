@@ -12,15 +12,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from producer.embedded_redis import free_port
 from tests.conftest import run_embedq, wait_until
-from tests.serving import http, python_env, responds
+from tests.serving import UpStack, embedq_up, responds
 
 
 def chromium() -> str | None:
@@ -76,63 +74,23 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def up(tmp_path: Path, tiny_bert: Path) -> Iterator[tuple[subprocess.Popen[str], Path, int, int]]:
-    port, flower_port = free_port(), free_port()
-    log = tmp_path / "up.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "producer.cli",
-                "up",
-                "--workers",
-                "1",
-                "--interactive-workers",
-                "0",
-                "--port",
-                str(port),
-                "--flower-port",
-                str(flower_port),
-                "--model",
-                str(tiny_bert),
-            ],
-            env=python_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        yield process, log, port, flower_port
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def up(tmp_path: Path, tiny_bert: Path) -> Iterator[UpStack]:
+    with embedq_up(tmp_path, tiny_bert, "--workers", "1", "--interactive-workers", "0") as stack:
+        yield stack
 
 
 def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
-    up: tuple[subprocess.Popen[str], Path, int, int], tmp_path: Path, tiny_bert: Path
+    up: UpStack, tmp_path: Path, tiny_bert: Path
 ) -> None:
-    process, log, port, flower_port = up
-    # given `embedq up` has printed where everything is
-    assert wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or process.poll() is not None, 60)
-    printed = log.read_text()
-    assert process.poll() is None, printed
+    process, log, port, flower_port = up.process, up.log, up.port, up.flower_port
+    # given `embedq up` has printed where everything is, and the gateway's health turned green
+    up.wait_ready()
+    printed = up.printed()
     assert f"http://127.0.0.1:{flower_port}" in printed and f"http://127.0.0.1:{port}" in printed
-    broker_url = re.search(r"broker\s+(redis://\S+)", printed).group(1)  # type: ignore[union-attr]
-    # when the gateway's health turns green and a corpus job runs through the stack
-    assert wait_until(
-        lambda: (
-            http("GET", f"http://127.0.0.1:{port}/health")[0] == 200
-            if responds(f"http://127.0.0.1:{port}/health")
-            else False
-        ),
-        120,
-    ), printed
+    # the broker's password is printed nowhere: tools read the URL from the file it names
+    broker_url = up.broker_url()
+    assert broker_url.split("@")[0].split(":")[-1] not in printed
+    # when a corpus job runs through the stack
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"flower should show document {i}\n" for i in range(24)), encoding="utf-8")
     job = run_embedq(
@@ -149,6 +107,8 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
     )
     assert job.returncode == 0, job.stderr
     assert wait_until(lambda: responds(f"http://127.0.0.1:{flower_port}/"), 60)
+    user, password = up.flower_auth()
+    flower = f"http://{user}:{password}@127.0.0.1:{flower_port}"
 
     # then Flower, seen in a real browser, lists the worker and the job's tasks with readable arguments
     if chromium() is None:
@@ -156,15 +116,15 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
             pytest.fail("Debian's chromium is required in CI for the Flower check (make test installs it)")
         pytest.skip("chromium is not installed (apt-get install -y chromium); Flower browser check skipped")
     else:
-        workers_dom = browse(f"http://127.0.0.1:{flower_port}/workers", tmp_path / "profile1")
+        workers_dom = browse(f"{flower}/workers", tmp_path / "profile1")
         assert f"embedq-up-{process.pid}@" in workers_dom, workers_dom[-2000:]
         shots = [tmp_path / "flower-tasks.png", tmp_path / "flower-task.png"]
-        tasks_dom = browse(f"http://127.0.0.1:{flower_port}/tasks", tmp_path / "profile2", screenshot=shots[0])
+        tasks_dom = browse(f"{flower}/tasks", tmp_path / "profile2", screenshot=shots[0])
         assert "embedq.embed_chunk" in tasks_dom and "SUCCESS" in tasks_dom, tasks_dom[-2000:]
         task_ids = sorted(set(re.findall(r"\b[0-9a-f]{16}-[0-9]+-[0-9]+\b", tasks_dom)))
         assert len(task_ids) == 3, task_ids  # 24 docs in chunks of 8
         # a task's page: readable arguments (texts abbreviated) and the result's rows, tokens and ms
-        task_dom = browse(f"http://127.0.0.1:{flower_port}/task/{task_ids[0]}", tmp_path / "profile3", shots[1])
+        task_dom = browse(f"{flower}/task/{task_ids[0]}", tmp_path / "profile3", shots[1])
         assert "flower should show document" in task_dom and "(8 texts)" in task_dom and "+5 more" in task_dom
         assert "'rows': 8" in task_dom and "'tokens':" in task_dom and "'ms':" in task_dom, task_dom[-3000:]
         for shot in shots:

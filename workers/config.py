@@ -79,6 +79,9 @@ class Settings:
     #: never. A safety net, far above the ~1 GB plateau of all-MiniLM-L6-v2 (README Performance): the new child
     #: reloads the model, so raise it for a larger model.
     max_child_memory_mb: int | None = 4096
+    #: The only folder under which this worker writes `disk:PATH` results; empty refuses disk results, so that
+    #: a task message (anyone who can reach the broker) cannot choose where a worker writes files.
+    disk_results_root: str = ""
     #: Bearer token the HTTP gateway (`embedq serve`) requires; empty means no key. Never shown in repr.
     api_key: str = field(default="", repr=False)
     #: Filled in by the worker main process so that pool children know their share of the cores.

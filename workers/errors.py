@@ -63,6 +63,10 @@ class InsufficientMemory(EmbedqError):
     """Raised before loading a model that would not fit in the memory available to the workers."""
 
 
+class ResultsRefused(EmbedqError):
+    """Raised when a task asks a worker to write results outside the folder it was started with."""
+
+
 class JobFailed(EmbedqError):
     """Raised when a job ends with chunks that failed or were quarantined."""
 

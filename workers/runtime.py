@@ -42,7 +42,10 @@ class WorkerContext:
     _stores_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def store(self, spec: str) -> ResultStore:
-        """The result store a task asked for (`redis` or `disk:PATH`), opened once per process."""
+        """The result store a task asked for (`redis` or `disk:PATH` under EMBEDQ_DISK_RESULTS_ROOT), opened once.
+
+        A refused path raises ResultsRefused, which fails the chunk once with that reason (never retried).
+        """
         with self._stores_lock:
             if spec not in self._stores:
                 self._stores[spec] = open_store(
@@ -50,6 +53,7 @@ class WorkerContext:
                     redis_url=self.settings.results_url,
                     key_prefix=self.settings.key_prefix,
                     ttl_s=self.settings.result_ttl_s,
+                    disk_root=self.settings.disk_results_root,
                 )
             return self._stores[spec]
 

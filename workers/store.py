@@ -7,6 +7,7 @@ idempotent, keyed by (job, chunk): a chunk computed twice is stored once.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from workers.errors import ConfigError
+from workers.errors import ConfigError, ResultsRefused
 from workers.keys import Keys, connect
 
 
@@ -78,6 +79,9 @@ class RedisStore(ResultStore):
             self.client.delete(key)
 
 
+_JOB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+
 class DiskStore(ResultStore):
     """One `.npy` shard per chunk under `root/job/`; written to a temp name, then renamed atomically."""
 
@@ -85,7 +89,10 @@ class DiskStore(ResultStore):
         self.root = Path(root)
 
     def _path(self, job: str, chunk: int) -> Path:
-        return self.root / job / f"chunk-{chunk:07d}.npy"
+        # The job id comes from a task message: it names one folder under the root, never a path elsewhere.
+        if not _JOB_NAME.fullmatch(job):
+            raise ResultsRefused(f"job id {job[:80]!r} is not a plain name ([A-Za-z0-9_.-], not starting with '.')")
+        return self.root / job / f"chunk-{int(chunk):07d}.npy"
 
     def put(self, job: str, chunk: int, array: np.ndarray) -> None:
         path = self._path(job, chunk)
@@ -121,8 +128,25 @@ def parse_store_spec(spec: str) -> tuple[str, str]:
     raise ConfigError(f"--results {spec!r}: use redis or disk:PATH")
 
 
-def open_store(spec: str, *, redis_url: str, key_prefix: str, ttl_s: int) -> ResultStore:
+def confined(path: str, root: str) -> Path:
+    """`path` resolved, when it lies under `root` (resolved too); ResultsRefused in one line otherwise."""
+    if not root:
+        raise ResultsRefused(
+            f"results 'disk:{path}' refused: this worker writes disk results only under the folder it was "
+            "started with (EMBEDQ_DISK_RESULTS_ROOT), and none was set; use --results redis, or start the "
+            "worker with EMBEDQ_DISK_RESULTS_ROOT=FOLDER"
+        )
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(base):
+        raise ResultsRefused(
+            f"results 'disk:{path}' refused: {resolved} is outside this worker's EMBEDQ_DISK_RESULTS_ROOT {base}"
+        )
+    return resolved
+
+
+def open_store(spec: str, *, redis_url: str, key_prefix: str, ttl_s: int, disk_root: str | None = None) -> ResultStore:
+    """The store `spec` names. With `disk_root` (a worker), disk results must lie under it (see `confined`)."""
     kind, path = parse_store_spec(spec)
     if kind == "disk":
-        return DiskStore(path)
+        return DiskStore(path if disk_root is None else confined(path, disk_root))
     return RedisStore(connect(redis_url), Keys(key_prefix), ttl_s)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.embedded_redis import valkey_binary
-from producer.local_cluster import start_process, stop_process
+from producer.processes import start_process, stop_process
 
 SUBNET = "198.18.0"
 BRIDGE_ADDRESS = f"{SUBNET}.254"
