@@ -252,7 +252,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from workers.keys import connect, redact
 
         connect(settings.broker_url).close()  # exit 4 at once when the broker is not there
-        consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers)
+        consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers, say=say)
         say(f"{len(consumers)} worker(s) consume {options.queue!r} on {redact(settings.broker_url)}")
     if embedded:
         from producer.local_cluster import LocalCluster

@@ -11,7 +11,7 @@ from typing import Any
 from producer import exitcodes
 from producer.cli_args import non_negative_int, port, positive_float, positive_int
 from workers.config import Settings
-from workers.errors import ConfigError
+from workers.errors import BrokerUnavailable, ConfigError
 
 SettingsFrom = Callable[[argparse.Namespace], Settings]
 
@@ -119,6 +119,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if args.broker_port is not None:
         ports["--broker-port"] = args.broker_port
     check_ports(args.host, ports)
+    if args.model is not None:
+        from workers.model_info import resolve_model
+
+        resolve_model(settings.model)  # a mistyped model stops here, not in four services' logs
     return run_up(
         settings,
         embedded=embedded,
@@ -145,8 +149,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             source = f"the embedded Valkey of `embedq {found.kind}` (pid {found.pid})"
         else:
             source = "the default; no `embedq up` is running here: pass --broker or set EMBEDQ_BROKER_URL"
-    print(f"embedq: asking {redact(settings.broker_url)} ({source})", file=sys.stderr, flush=True)
-    client = connect(settings.broker_url)
+    try:
+        client = connect(settings.broker_url)
+    except BrokerUnavailable as error:
+        raise BrokerUnavailable(f"{error} [broker: {source}]") from None
+    print(f"broker: {redact(settings.broker_url)} ({source})", flush=True)
     statuses = read_jobs(client, Keys(settings.key_prefix), args.job)
     if args.job and not statuses:
         print(

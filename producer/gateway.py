@@ -99,7 +99,9 @@ def parse_input(raw: Any, max_inputs: int) -> list[str] | str:
         ):
             raise ApiError(
                 400,
-                "'input' is token ids; embedq tokenizes itself: send the texts as strings",
+                "'input' is token ids; embedq tokenizes itself: send the texts as strings "
+                "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False); "
+                "LlamaIndex: OpenAILikeEmbedding, which sends text, rather than OpenAIEmbedding)",
                 param="input",
                 code="token_arrays_unsupported",
             )

@@ -10,6 +10,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from workers.config import Settings
@@ -92,7 +93,9 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
                 raise ConfigError(f"{flag} {number}: cannot listen on {host}:{number} ({error.strerror})") from None
 
 
-def wait_for_consumers(settings: Settings, queue: str, *, wait_s: float, grace_s: float = 3.0) -> list[str]:
+def wait_for_consumers(
+    settings: Settings, queue: str, *, wait_s: float, say: Callable[[str], None], grace_s: float = 3.0
+) -> list[str]:
     """The workers consuming `queue`, asked over Celery's control channel; NoWorkers once none answered in time.
 
     `grace_s` covers a worker that is just starting; `wait_s` (--wait-for-workers) extends it on purpose.
@@ -101,6 +104,7 @@ def wait_for_consumers(settings: Settings, queue: str, *, wait_s: float, grace_s
 
     app = sender_app(settings)
     deadline = time.monotonic() + max(wait_s, grace_s)
+    announced = False
     try:
         while True:
             replies = app.control.inspect(timeout=1.0).active_queues() or {}
@@ -109,10 +113,16 @@ def wait_for_consumers(settings: Settings, queue: str, *, wait_s: float, grace_s
             )
             if consumers:
                 return consumers
+            if wait_s > grace_s and not announced:
+                say(f"waiting up to {wait_s:g} s for a worker to consume {queue!r} on {redact(settings.broker_url)}")
+                announced = True
             if time.monotonic() >= deadline:
                 others = f" (workers {', '.join(sorted(replies))} consume other queues)" if replies else ""
+                prefix = (
+                    f" (key prefix {settings.key_prefix!r})" if settings.key_prefix != Settings().key_prefix else ""
+                )
                 raise NoWorkers(
-                    f"no worker consumes queue {queue!r} on {redact(settings.broker_url)}{others}; start one "
+                    f"no worker consumes queue {queue!r} on {redact(settings.broker_url)}{prefix}{others}; start one "
                     f"(embedq worker --broker URL), or pass --wait-for-workers SECONDS to wait for it"
                 )
     finally:
