@@ -10,7 +10,8 @@ from typing import Any, NoReturn
 from producer import exitcodes
 
 #: argparse says "argument --workers: 0: must be ..."; users typed "--workers 0".
-_ARGUMENT_PREFIX = re.compile(r"^argument ([^:]+): ")
+_ARGUMENT_PREFIX = re.compile(r"^argument ([^:]+): (?=\S+: )")
+_INVALID_CHOICE = re.compile(r"^argument ([^:]+): invalid choice: '?(.*?)'? \(choose from (.*)\)$")
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,7 +26,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        message = _ARGUMENT_PREFIX.sub(r"\1 ", message)
+        message = _INVALID_CHOICE.sub(lambda m: f"{m[1]} {m[2]}: choose one of {m[3].replace(chr(39), '')}", message)
+        message = _ARGUMENT_PREFIX.sub(r"\1 ", message).removeprefix("argument ")
         self.exit(exitcodes.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -118,11 +118,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     ports = {"--port": args.port, "--flower-port": args.flower_port}
     if args.broker_port is not None:
         ports["--broker-port"] = args.broker_port
-    check_ports(args.host, ports)
     if args.model is not None:
         from workers.model_info import resolve_model
 
         resolve_model(settings.model)  # a mistyped model stops here, not in four services' logs
+    check_ports(args.host, ports)
     return run_up(
         settings,
         embedded=embedded,

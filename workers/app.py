@@ -150,6 +150,8 @@ def _load_or_exit(current: Settings) -> None:
         runtime.init_process(current)
     except EmbedqError as error:
         _stop_worker(str(error))
+    except Exception as error:  # damaged weights etc.: a child without a model must not look healthy to pings
+        _stop_worker(f"model {current.model!r} could not be loaded: {type(error).__name__}: {error}")
 
 
 def _stop_worker(message: str) -> None:
