@@ -20,7 +20,8 @@ import pytest
 
 from producer.embedded_redis import free_port
 from tests.conftest import run_embedq, wait_until
-from tests.serving import http, python_env, responds
+from tests.serving import http, responds
+from tests.test_cli_first_hour import user_env
 
 
 def chromium() -> str | None:
@@ -82,10 +83,10 @@ def up(tmp_path: Path, tiny_bert: Path) -> Iterator[tuple[subprocess.Popen[str],
     with open(log, "w") as out:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "producer.cli",
+                str(Path(sys.executable).parent / "embedq"),  # the script a user runs
                 "up",
+                "--broker-port",
+                str(free_port()),
                 "--workers",
                 "1",
                 "--interactive-workers",
@@ -97,7 +98,7 @@ def up(tmp_path: Path, tiny_bert: Path) -> Iterator[tuple[subprocess.Popen[str],
                 "--model",
                 str(tiny_bert),
             ],
-            env=python_env(),
+            env=user_env(tmp_path),
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -119,20 +120,18 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
 ) -> None:
     process, log, port, flower_port = up
     # given `embedq up` has printed where everything is
-    assert wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or process.poll() is not None, 60)
+    assert wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or process.poll() is not None, 120)
     printed = log.read_text()
     assert process.poll() is None, printed
-    assert f"http://127.0.0.1:{flower_port}" in printed and f"http://127.0.0.1:{port}" in printed
-    broker_url = re.search(r"broker\s+(redis://\S+)", printed).group(1)  # type: ignore[union-attr]
-    # when the gateway's health turns green and a corpus job runs through the stack
-    assert wait_until(
-        lambda: (
-            http("GET", f"http://127.0.0.1:{port}/health")[0] == 200
-            if responds(f"http://127.0.0.1:{port}/health")
-            else False
-        ),
-        120,
-    ), printed
+    # it said "ready" only once the gateway's health was green, and printed where everything is after that
+    assert http("GET", f"http://127.0.0.1:{port}/health")[0] == 200
+    assert printed.index("embedq up: ready") < printed.index(f"http://127.0.0.1:{port}"), printed
+    assert f"http://127.0.0.1:{flower_port}" in printed
+    broker_port = process.args[process.args.index("--broker-port") + 1]  # type: ignore[union-attr]
+    broker_url = f"redis://127.0.0.1:{broker_port}/0"
+    assert f"broker   {broker_url} (embedded Valkey)" in printed, printed
+    assert f"EmbedClient({broker_url!r})" in printed and f"embedq status --broker {broker_url}" in printed
+    # when a corpus job runs through the stack
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"flower should show document {i}\n" for i in range(24)), encoding="utf-8")
     job = run_embedq(
@@ -148,6 +147,13 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
         "8",
     )
     assert job.returncode == 0, job.stderr
+    # then `embedq status` with no --broker finds the private Valkey of this `embedq up` and lists the job
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "embedq"), "status"], env=user_env(tmp_path), capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    assert f"broker: {broker_url} (the embedded Valkey of `embedq up` (pid {process.pid}))" in status.stdout
+    assert any(str(corpus) in row and " done " in row for row in status.stdout.splitlines()), status.stdout
     assert wait_until(lambda: responds(f"http://127.0.0.1:{flower_port}/"), 60)
 
     # then Flower, seen in a real browser, lists the worker and the job's tasks with readable arguments
