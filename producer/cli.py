@@ -215,7 +215,7 @@ def _queues(text: str) -> str:
 def cmd_embed(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.job_spec import JobOptions
-    from producer.preflight import check_output, check_results, wait_for_consumers
+    from producer.preflight import check_first_records, check_output, check_results, wait_for_consumers
     from producer.readers import count_lines, detect_format, open_input
     from workers.model_info import resolve_model
     from workers.store import parse_store_spec
@@ -231,6 +231,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
         open_input(args.input).close()
     model = resolve_model(settings.model, pooling=args.pooling, max_length=args.max_length)
     check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim)
+    if args.on_invalid == "fail":
+        check_first_records(
+            args.input,
+            fmt=args.input_format,
+            text_field=args.text_field,
+            id_field=args.id_field,
+            limit=args.chunk_size,
+        )
     embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
     workers = args.workers or default_workers()
     options = JobOptions(

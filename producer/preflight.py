@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workers.config import Settings
-from workers.errors import ConfigError, NoWorkers
+from workers.errors import ConfigError, InputError, NoWorkers
 from workers.keys import redact
 
 #: Headroom on top of the estimated output size (resume log, ids, manifest).
@@ -60,6 +60,31 @@ def check_output(output: str, *, rows_hint: int, dim: int) -> None:
             f"-o {output}: {free / 1e6:.1f} MB free in {folder}, the output needs about {need / 1e6:.1f} MB; "
             "free some space or choose another folder"
         )
+
+
+def check_first_records(input_path: str, *, fmt: str, text_field: str, id_field: str, limit: int) -> None:
+    """With --on-invalid fail, a bad record among the first `limit` stops here, before a server or worker starts.
+
+    Later records are still checked as the job streams them (producer/job.py, same message); stdin
+    cannot be read twice, so it is left to the job.
+    """
+    from producer.readers import Rejected, read_records
+
+    if input_path == "-":
+        return
+    records = read_records(input_path, fmt=fmt, text_field=text_field, id_field=id_field)
+    try:
+        for count, item in enumerate(records, start=1):
+            if isinstance(item, Rejected):
+                raise InputError(
+                    f"{item.reason} (use --on-invalid skip to set such records aside)",
+                    source=input_path,
+                    line=item.line,
+                )
+            if count >= limit:
+                return
+    finally:
+        records.close()  # type: ignore[attr-defined]
 
 
 def check_results(spec: str) -> None:
