@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --broker: how long to wait for a worker on the queue before exit 7 (0: a few seconds' grace)",
     )
+    embed.add_argument(
+        "--no-worker-check",
+        dest="worker_check",
+        action="store_false",
+        help="with --broker: queue the job even if no worker consumes it yet (an autoscaler starts them)",
+    )
     # 512 (measured, README "Performance"): packs short texts to ~1.04x padding (256: 1.06x), its few Redis
     # round trips cost milliseconds against seconds of compute, and 2 workers still get 3 chunks each of 3,000 texts.
     embed.add_argument("--chunk-size", type=positive_int, default=512, help="documents per task")
@@ -260,8 +266,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from workers.keys import connect, redact
 
         connect(settings.broker_url).close()  # exit 4 at once when the broker is not there
-        consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers, say=say)
-        say(f"{len(consumers)} worker(s) consume {options.queue!r} on {redact(settings.broker_url)}")
+        if args.worker_check:
+            consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers, say=say)
+            say(f"{len(consumers)} worker(s) consume {options.queue!r} on {redact(settings.broker_url)}")
     if embedded:
         from producer.local_cluster import LocalCluster
 
