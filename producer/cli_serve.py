@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from producer.preflight import check_ports
-    from producer.up import run_up
+    from producer.up import Stack, run_up
 
     workers = args.workers or max(1, len(os.sched_getaffinity(0)))
     embedded = args.broker is None
@@ -124,14 +124,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         resolve_model(settings.model)  # a mistyped model stops here, not in four services' logs
     check_ports(args.host, ports)
     return run_up(
-        settings,
-        embedded=embedded,
-        workers=workers,
-        host=args.host,
-        port=args.port,
-        flower_port=args.flower_port,
-        reserved=args.interactive_workers,
-        broker_port=args.broker_port,
+        Stack(
+            settings,
+            embedded=embedded,
+            workers=workers,
+            host=args.host,
+            port=args.port,
+            flower_port=args.flower_port,
+            reserved=args.interactive_workers,
+            broker_port=args.broker_port,
+        )
     )
 
 

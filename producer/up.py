@@ -175,30 +175,11 @@ def wait_ready(stack: Stack, health_url: str, say: Callable[[str], None], every_
         time.sleep(0.5)
 
 
-def run_up(
-    settings: Settings,
-    *,
-    embedded: bool,
-    workers: int,
-    host: str,
-    port: int,
-    flower_port: int,
-    reserved: int = 1,
-    broker_port: int | None = None,
-) -> int:
-    """Start the stack, print where everything is, and wait for Ctrl-C/SIGTERM (KeyboardInterrupt)."""
+def run_up(stack: Stack) -> int:
+    """Start the stack, say "ready" once the gateway is healthy, and wait for Ctrl-C/SIGTERM (KeyboardInterrupt)."""
     # Ctrl-C must stop the stack even when started from a shell that ignores SIGINT for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stack = Stack(
-        settings,
-        embedded=embedded,
-        workers=workers,
-        host=host,
-        port=port,
-        flower_port=flower_port,
-        reserved=reserved,
-        broker_port=broker_port,
-    )
+    host, port = stack.host, stack.port
 
     def say(line: str) -> None:
         print(f"embedq up: {line}", flush=True)
@@ -207,7 +188,7 @@ def run_up(
     failed = True
     try:
         where = stack.start()
-        if embedded:
+        if stack.embedded:
             announced = local_state.announce("up", stack.broker_url, time.time())
         say(f"starting {where['broker']}, workers, Flower and the gateway; waiting for the gateway's /health")
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
