@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# comes from PyTorch's CPU index, as in ops/Dockerfile.
 	$(PIP) install -q --no-index --no-deps '$(TORCH)+cpu' 2>/dev/null || \
 		$(PIP) install -q '$(TORCH)' --index-url $(TORCH_CPU_INDEX)
-	$(PIP) install -q -e '.[serve,test]'
+	$(PIP) install -q -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,8 +40,10 @@ test-tools:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null; } || \
 		echo "chromium/prometheus not installed: the Flower browser and Prometheus checks will be skipped"
 
+# ruff (lint and format) and mypy; .ci/run runs it before the tests.
 lint: install
 	$(VENV)/bin/ruff check workers producer tests bench
+	$(VENV)/bin/ruff format --check workers producer tests bench
 	$(VENV)/bin/mypy
 
 bench: install

@@ -1,15 +1,13 @@
 """The asyncio twin of `EmbedClient`: `await client.embed(texts)` never blocks the event loop.
 
-It shares request planning, caching and event handling with the blocking client (`producer.client`);
-only the waiting differs: it happens on redis.asyncio.
+It shares request planning, caching, waiting and event handling with the blocking client
+(`producer.client._Core`); only the I/O differs: it happens on redis.asyncio.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -17,7 +15,10 @@ import numpy as np
 import redis
 import redis.asyncio as aredis
 
-from producer.client import _ClientBase
+from producer.client import _ClientBase, _Request
+from workers import events
+from workers.queues import INTERACTIVE, queue_depth_async
+from workers.store import decode_result
 
 
 class AsyncEmbedClient(_ClientBase):
@@ -27,7 +28,8 @@ class AsyncEmbedClient(_ClientBase):
         self.redis = aredis.Redis.from_url(self._core.settings.broker_url, socket_connect_timeout=5)
 
     async def queue_depth(self) -> int:
-        return int(await self.redis.llen(self._core.queue_key))
+        """Messages waiting in the interactive queue."""
+        return await queue_depth_async(self.redis, self._core.keys, INTERACTIVE)
 
     async def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
         """Embed `texts` -> float32 (n, dim); see `embed_with_usage` for the token count too."""
@@ -40,51 +42,38 @@ class AsyncEmbedClient(_ClientBase):
         """The matrix and the tokens the workers embedded for it (cached texts cost none)."""
         core = self._core
         request = core.plan(texts)
-        cache = core.cache
-        if cache is not None and request.unique:
-            values = cast(list[bytes | None], await self.redis.mget(cache.keys_for(request.unique)))
-            core.apply_cache(request, values)
-            hits = sum(1 for v in values if v is not None)
+        if core.cache is not None and request.unique:
+            values = cast(list[bytes | None], await self.redis.mget(core.cache.keys_for(request.unique)))
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(core.keys.stats(), "cache_hits", hits)
-                pipe.hincrby(core.keys.stats(), "cache_misses", len(values) - hits)
+                for name, amount in core.apply_cache(request, values).items():
+                    pipe.hincrby(core.keys.stats(), name, amount)
                 await pipe.execute()
         sends = core.chunk_up(request)
         if sends:
             # Publishing is a quick Redis LPUSH, but kombu's API is blocking: keep it off the loop.
             await asyncio.to_thread(core.send, request, sends, timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not request.done:
-                remaining = 1.0 if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise core.timeout_error(request, timeout or 0.0)
-                item = await self.redis.blpop([core.keys.events(request.job)], timeout=min(1.0, max(0.01, remaining)))
-                if item is None:
-                    continue
-                event = json.loads(item[1])
-                chunk = int(event["chunk"])
-                array = await self._fetch(request.job, chunk) if event.get("type") == "done" else None
-                slots = core.on_event(request, event, array)
-                await self.redis.delete(core.keys.result(request.job, chunk))
-                if cache is not None and slots:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for slot in slots:
-                            vector = request.vectors[slot]
-                            assert vector is not None
-                            pipe.set(cache.key(request.unique[slot]), cache.encode(vector), ex=cache.ttl_s)
-                        await pipe.execute()
+            for wait_s in core.waits(request, timeout):
+                item = await self.redis.blpop([core.keys.events(request.job)], timeout=wait_s)
+                if item is not None:
+                    await self._take(request, events.parse(item[1]))
         finally:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self.redis.delete(*core.cleanup_keys(request))
         return request.matrix(core.dim), request.tokens
 
-    async def _fetch(self, job: str, chunk: int) -> np.ndarray | None:
-        fields = await self.redis.hgetall(self._core.keys.result(job, chunk))
-        if not fields:
-            return None
-        rows, dim = int(fields[b"rows"]), int(fields[b"dim"])
-        return np.frombuffer(cast(bytes, fields[b"data"]), dtype="<f4").reshape(rows, dim)
+    async def _take(self, request: _Request, event: events.ChunkEvent) -> None:
+        """Fold one event in: fetch and forget its result, and cache its rows."""
+        key = self._core.keys.result(request.job, event["chunk"])
+        array = decode_result(await self.redis.hgetall(key)) if event["type"] == "done" else None
+        entries = self._core.on_event(request, event, array)
+        await self.redis.delete(key)
+        if entries:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for cache_key, value in entries:
+                    pipe.set(cache_key, value, ex=self._core.cache_ttl_s)
+                await pipe.execute()
 
     async def aclose(self) -> None:
+        """Close the connection pool."""
         await self.redis.aclose()

@@ -26,6 +26,11 @@ def abbreviate(texts: list[str], keep: int = 3) -> str:
     return f"[{', '.join(json.dumps(t, ensure_ascii=False) for t in shown)}{more}] ({len(texts)} texts)"
 
 
+def task_id_for(job: str, chunk: int, attempt: int) -> str:
+    """Task ids read `job-chunk-attempt`: Flower, logs and the deliveries hash name a copy by it."""
+    return f"{job}-{chunk}-{attempt}"
+
+
 def send_chunk(
     app: Celery,
     job: str,
@@ -42,10 +47,11 @@ def send_chunk(
 
     `expires_s`: a worker that receives the task later discards it unrun (an abandoned web request).
     """
-    task_id = f"{job}-{chunk}-{attempt}"
+    task_id = task_id_for(job, chunk, attempt)
     app.send_task(
         TASK_EMBED_CHUNK,
-        args=[job, chunk, texts, options],
+        # The attempt travels with the task: the worker's lease names it (workers/lease.py).
+        args=[job, chunk, texts, {**options, "attempt": attempt}],
         task_id=task_id,
         queue=queue,
         routing_key=queue,

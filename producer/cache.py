@@ -47,7 +47,7 @@ class EmbeddingCache:
 
     def key(self, text: str) -> str:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self.keys.prefix}:cache:{self._namespace}:{digest}"
+        return self.keys.cache(self._namespace, digest)
 
     def keys_for(self, texts: Sequence[str]) -> list[str]:
         return [self.key(text) for text in texts]

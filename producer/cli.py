@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from producer import exitcodes
 from producer.cli_args import Parser, non_negative_float, positive_float, positive_int
+from workers import extras
 from workers.config import DTYPES, Settings
 from workers.errors import (
     BrokerUnavailable,
@@ -174,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without news before silent chunks are sent again",
     )
     embed.add_argument(
+        "--workers-lost-timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds with no live worker on the broker (none started, or every host lost) before the job fails, "
+        "naming the rows not embedded (default: %(default)s)",
+    )
+    embed.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
     embed.set_defaults(func=cmd_embed)
@@ -221,21 +229,32 @@ def _queues(text: str) -> str:
 def cmd_embed(args: argparse.Namespace) -> int:
     from producer.job import Job
     from producer.job_spec import JobOptions
+    from producer.output import output_kind
     from producer.preflight import check_first_records, check_output, check_results, wait_for_consumers
     from producer.readers import count_lines, detect_format, open_input
-    from workers.model_info import resolve_model
+    from workers.model_registry import describe
     from workers.store import parse_store_spec
 
     settings = _settings_from(args)
     if args.start_method:
         settings = settings.replace(pool_start_method=args.start_method)
+    try:
+        kind = output_kind(args.output)
+    except ValueError:
+        raise ConfigError(f"-o {args.output}: name the output .npy or .parquet") from None
+    embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
+    if embedded:
+        extras.require("embedq embed without --broker (the embedded default)", "local")
+    if kind == "parquet":
+        extras.require("embedq embed -o OUTPUT.parquet", "parquet")
     parse_store_spec(args.results)
     check_results(args.results)
     # Fail fast, before anything starts: the input, the model, the output.
     detect_format(args.input, args.input_format)
     if args.input != "-":
         open_input(args.input).close()
-    model = resolve_model(settings.model, pooling=args.pooling, max_length=args.max_length)
+    # Read from the model's folder; a light install asks the fleet for what it cannot read.
+    model = describe(settings, pooling=args.pooling, max_length=args.max_length)
     check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim)
     if args.on_invalid == "fail":
         check_first_records(
@@ -245,7 +264,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
             id_field=args.id_field,
             limit=args.chunk_size,
         )
-    embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
     workers = args.workers or default_workers()
     options = JobOptions(
         model=model,
@@ -260,6 +278,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         input_format=args.input_format,
         on_invalid=args.on_invalid,
         stall_timeout_s=args.stall_timeout,
+        workers_lost_s=args.workers_lost_timeout,
     )
     say = _say
     if not embedded:
@@ -337,6 +356,7 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    extras.require("embedq worker", "worker")
     settings = _settings_from(args)
     command, env, line = worker_argv(args, settings)
     _say(line)

@@ -10,6 +10,7 @@ from typing import Any
 
 from producer import exitcodes
 from producer.cli_args import non_negative_int, port, positive_float, positive_int
+from workers import extras
 from workers.config import Settings
 from workers.errors import BrokerUnavailable, ConfigError
 
@@ -72,12 +73,8 @@ def add_commands(sub: Any, settings_from: SettingsFrom) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        from producer.gateway import GatewayOptions, serve
-    except ImportError as error:
-        raise ConfigError(
-            f"embedq serve needs the [serve] extra ({error.name} is missing): pip install 'embedq[serve]'"
-        ) from None
+    extras.require("embedq serve", "serve")
+    from producer.gateway import GatewayOptions, serve
     from workers.keys import connect, redact
 
     if args.api_key:
@@ -104,6 +101,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    extras.require("embedq up", "local", "serve")
     from producer.preflight import check_ports
     from producer.up import Stack, run_up
 
@@ -168,4 +166,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no jobs recorded on {redact(settings.broker_url)} yet")
         return exitcodes.OK
     print(render(statuses))
+    if args.job:
+        from producer.status import render_running, running_chunks
+
+        print()
+        print(render_running(running_chunks(client, Keys(settings.key_prefix), args.job)))
     return exitcodes.OK

@@ -19,10 +19,9 @@ waiting happens on redis.asyncio, so the event loop is never blocked. In Flask/D
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,13 +32,23 @@ from celery import Celery
 from producer.broker import send_chunk, sender_app
 from producer.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
 from producer.readers import check_text
+from workers import events
 from workers.config import Settings
-from workers.errors import EmbedqError, InvalidRecords, JobFailed, ModelError, RequestTimeout, ResultMissing
+from workers.errors import (
+    BrokerUnavailable,
+    EmbedqError,
+    InvalidRecords,
+    JobFailed,
+    ModelError,
+    RequestTimeout,
+    ResultMissing,
+)
 from workers.keys import Keys, connect
-from workers.model_info import ModelInfo, resolve_model
+from workers.model_info import DEFAULT_MODEL_NAME, ModelInfo
+from workers.model_registry import describe
+from workers.queues import INTERACTIVE, queue_depth
 from workers.store import RedisStore
 
-INTERACTIVE = "interactive"
 #: Texts per task: small, so that a large request spreads over every worker.
 DEFAULT_CHUNK_ROWS = 32
 
@@ -61,11 +70,12 @@ def validate_texts(texts: Any) -> list[str]:
 
 
 def served_model(settings: Settings) -> ModelInfo:
-    """The model the workers are asked for; a folder this machine lacks is named but not read."""
+    """The model the workers are asked for: read from its folder, else as the fleet announced it (a light
+    install); one that neither describes is named only, and its width learnt from the first result."""
     try:
-        return resolve_model(settings.model)
-    except ModelError:
-        name = settings.model.rstrip("/").rsplit("/", 1)[-1]
+        return describe(settings)
+    except (ModelError, BrokerUnavailable):
+        name = settings.model.rstrip("/").rsplit("/", 1)[-1] or DEFAULT_MODEL_NAME
         return ModelInfo(name, settings.model, False, "", 0, 0)
 
 
@@ -122,14 +132,10 @@ class _Core:
         if self.model.pooling:
             self.options.update(pooling=self.model.pooling, max_length=self.model.max_length)
         self.cache = EmbeddingCache(self.keys, self.model.name, self.options, cache_ttl_s) if cache else None
+        self.cache_ttl_s = cache_ttl_s
         self.app = sender_app(self.settings)
         self.requests = 0
         self.texts = 0
-
-    @property
-    def queue_key(self) -> str:
-        """The Redis list behind the interactive queue (kombu prefixes it like every embedq key)."""
-        return f"{self.keys.prefix}:{INTERACTIVE}"
 
     def plan(self, texts: Any) -> _Request:
         valid = validate_texts(texts)
@@ -139,10 +145,13 @@ class _Core:
         self.texts += len(valid)
         return _Request(f"req-{uuid.uuid4().hex[:20]}", valid, slots, list(unique), [None] * len(unique))
 
-    def apply_cache(self, request: _Request, values: Sequence[bytes | None]) -> None:
+    def apply_cache(self, request: _Request, values: Sequence[bytes | None]) -> dict[str, int]:
+        """Fill the request from the cache's MGET replies; returns the fleet counters to add."""
         assert self.cache is not None
         for slot, vector in enumerate(self.cache.decode(values)):
             request.vectors[slot] = vector
+        hits = sum(1 for v in values if v is not None)
+        return self.cache.stat_changes(hits, len(values) - hits)
 
     def chunk_up(self, request: _Request) -> list[tuple[int, list[str]]]:
         """Chunks of the texts still missing; records which slots each chunk fills."""
@@ -160,23 +169,37 @@ class _Core:
         for index, texts in sends:
             send_chunk(self.app, request.job, index, texts, self.options, queue=INTERACTIVE, expires_s=expires_s)
 
-    def on_event(self, request: _Request, event: dict[str, Any], array: np.ndarray | None) -> list[int]:
-        """Fold one completion event into the request; returns the slots it filled."""
-        chunk = int(event.get("chunk", -1))
+    def waits(self, request: _Request, timeout_s: float | None) -> Iterator[float]:
+        """How long to wait for each next event until the request is done; RequestTimeout past `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # Short waits: a client's socket timeout may be shorter than the request's (redis-py 8 sets one).
+        while not request.done:
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.timeout_error(request, timeout_s or 0.0)
+            yield min(1.0, max(0.01, remaining))
+
+    def on_event(
+        self, request: _Request, event: events.ChunkEvent, array: np.ndarray | None
+    ) -> list[tuple[str, bytes]]:
+        """Fold one completion event into the request; returns the cache entries (key, value) to set."""
+        chunk = event["chunk"]
         slots = request.chunks.pop(chunk, None)
         if slots is None:
             return []  # a duplicate delivery of a chunk already received
-        if event.get("type") == "failed":
-            request.failures.append(f"chunk {chunk} failed: {event.get('reason', 'unknown reason')}")
+        if event["type"] == "failed":
+            request.failures.append(f"chunk {chunk} failed: {event['reason']}")
             return []
         if array is None:
             raise ResultMissing(f"request {request.job} chunk {chunk} reported done but its result is gone")
-        request.tokens += int(event.get("tokens", 0))
+        request.tokens += event["tokens"]
         for row, slot in enumerate(slots):
             request.vectors[slot] = array[row]
         if not self.dim:
             self.dim = int(array.shape[1])
-        return slots
+        if self.cache is None:
+            return []
+        return [(self.cache.key(request.unique[slot]), self.cache.encode(array[row])) for row, slot in enumerate(slots)]
 
     def cleanup_keys(self, request: _Request) -> list[str]:
         return [self.keys.events(request.job), self.keys.deliveries(request.job)]
@@ -222,15 +245,11 @@ class EmbedHandle:
 
     def result(self, timeout: float | None = 30.0) -> np.ndarray:
         """The (n, dim) float32 matrix in input order; RequestTimeout after `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        # Short waits: a client's socket timeout may be shorter than the request's (redis-py 8 sets one).
-        while not self._request.done:
-            remaining = 1.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                self._client._finish(self._request)
-                raise self._client._core.timeout_error(self._request, timeout or 0.0)
-            self._client._take(self._request, timeout_s=min(1.0, max(0.01, remaining)))
-        self._client._finish(self._request)
+        try:
+            for wait_s in self._client._core.waits(self._request, timeout):
+                self._client._take(self._request, timeout_s=wait_s)
+        finally:
+            self._client._finish(self._request)
         return self._request.matrix(self._client.dim)
 
 
@@ -302,7 +321,7 @@ class EmbedClient(_ClientBase):
 
     def queue_depth(self) -> int:
         """Messages waiting in the interactive queue."""
-        return int(self.redis.llen(self._core.queue_key))
+        return queue_depth(self.redis, self._core.keys, INTERACTIVE)
 
     def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
         """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order."""
@@ -317,17 +336,12 @@ class EmbedClient(_ClientBase):
         request = core.plan(texts)
         if core.cache is not None and request.unique:
             values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique)))
-            core.apply_cache(request, values)
-            self._count_cache(request, values)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name, amount in core.apply_cache(request, values).items():
+                    pipe.hincrby(core.keys.stats(), name, amount)
+                pipe.execute()
         core.send(request, core.chunk_up(request), expires_s)
         return EmbedHandle(self, request)
-
-    def _count_cache(self, request: _Request, values: Sequence[bytes | None]) -> None:
-        hits = sum(1 for v in values if v is not None)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for name, amount in {"cache_hits": hits, "cache_misses": len(values) - hits}.items():
-                pipe.hincrby(self._core.keys.stats(), name, amount)
-            pipe.execute()
 
     def _take(self, request: _Request, timeout_s: float | None) -> bool:
         """Handle one event; None means do not wait. False when there was none."""
@@ -339,15 +353,14 @@ class EmbedClient(_ClientBase):
             raw = item[1] if item else None
         if raw is None:
             return False
-        event = json.loads(cast(bytes, raw))
-        array = self.store.get(request.job, int(event["chunk"])) if event.get("type") == "done" else None
-        slots = self._core.on_event(request, event, array)
-        self.store.delete(request.job, int(event["chunk"]))
-        if self._core.cache is not None and slots:
-            cache = self._core.cache
+        event = events.parse(cast(bytes, raw))
+        array = self.store.get(request.job, event["chunk"]) if event["type"] == "done" else None
+        entries = self._core.on_event(request, event, array)
+        self.store.delete(request.job, event["chunk"])
+        if entries:
             with self.redis.pipeline(transaction=False) as pipe:
-                for slot in slots:
-                    pipe.set(cache.key(request.unique[slot]), cache.encode(request.vectors[slot]), ex=cache.ttl_s)  # type: ignore[arg-type]
+                for key, value in entries:
+                    pipe.set(key, value, ex=self._core.cache_ttl_s)
                 pipe.execute()
         return True
 

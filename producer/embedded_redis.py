@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis
 
+from producer.processes import start_process, stop_process
 from workers.errors import BrokerUnavailable
 
 
@@ -68,8 +69,6 @@ class EmbeddedRedis:
         return args
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        from producer.local_cluster import start_process
-
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = start_process(self.command(), env={}, log_path=self.folder / "valkey.stdout")
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
@@ -98,8 +97,6 @@ class EmbeddedRedis:
         self.process = None
 
     def stop(self) -> None:
-        from producer.local_cluster import stop_process
-
         if self.process is not None:
             stop_process(self.process, timeout_s=5)
         self.process = None

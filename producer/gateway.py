@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Histogram
 
 from producer.async_client import AsyncEmbedClient
-from producer.metrics import fleet_registry, queue_depth, render
+from producer.metrics import fleet_registry, render
 from workers.config import Settings
 from workers.errors import InvalidRecords, JobFailed, QueueFull, RequestTimeout
 from workers.keys import connect, redact
@@ -212,7 +212,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Fas
                 param="dimensions",
                 code="dimensions_unsupported",
             )
-        depth = await asyncio.to_thread(queue_depth, sync_redis, client.keys, "interactive")
+        depth = await client.queue_depth()
         if depth >= opts.max_queue:
             raise ApiError(
                 429,

@@ -18,7 +18,9 @@ from typing import Any
 import kombu.exceptions
 import redis
 
-from producer.broker import send_chunk, sender_app
+from producer import job_record
+from producer.broker import sender_app
+from producer.dispatcher import RESULT_VANISHED, Dispatcher
 from producer.job_spec import JobOptions, JobReport, job_id_for
 from producer.output import ChunkRecord, PartialOutput
 from producer.progress import Progress
@@ -27,17 +29,10 @@ from workers import events
 from workers.config import Settings
 from workers.errors import BrokerUnavailable, InputError, JobFailed
 from workers.keys import Keys, connect
+from workers.queues import queue_depth
 from workers.store import ResultStore, open_store
 
 log = logging.getLogger("embedq.producer")
-
-
-@dataclass
-class _Pending:
-    start: int
-    texts: list[str]
-    sent_at: float
-    sends: int = 1
 
 
 @dataclass
@@ -74,11 +69,19 @@ class Job:
             options.results, redis_url=settings.results_url, key_prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
         )
         self.app = sender_app(settings)
-        self.pending: dict[int, _Pending] = {}
+        self.dispatcher = Dispatcher(
+            self.app,
+            self.redis,
+            self.keys,
+            self.job_id,
+            options,
+            lease_ttl_s=settings.lease_ttl_s,
+            with_broker=self._with_broker,
+            queue_depth=lambda: queue_depth(self.redis, self.keys, options.queue),
+        )
+        self.pending = self.dispatcher.pending
         self.total_hint = count_lines(input_path)
         self.progress = Progress(self.total_hint, enabled=progress)
-        self._last_event_at = time.monotonic()
-        self._run_id = self._server_run_id()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -116,7 +119,6 @@ class Job:
     def run(self) -> JobReport:
         started = time.monotonic()
         partial = PartialOutput(self.output, self.options.model.dim, self.job_id)
-        task_options = self.options.task_options()
         self._record_job_start()
         earlier = self._earlier_results(partial)
         try:
@@ -130,20 +132,25 @@ class Job:
                     continue
                 while len(self.pending) >= self.options.max_in_flight:
                     self._collect(partial)
-                self._send(chunk.index, chunk.start, chunk.texts, task_options)
+                self.dispatcher.send(chunk.index, chunk.start, chunk.texts)
+            self.dispatcher.all_sent = True
             while self.pending:
                 self._collect(partial)
             self.report.wall_s = time.monotonic() - started
+            self.report.failures = self.dispatcher.failures
+            self._count_resends()
             self.progress.close()
             if self.report.failures:
-                self._record_job_end("failed")
+                self._record_job_end(job_record.FAILED)
                 raise JobFailed(self._failure_summary())
             partial.finish(self.report.rows, self._manifest())
-            self._record_job_end("done")
+            self._record_job_end(job_record.DONE)
             return self.report
         except BaseException as error:
             self.progress.close()
             partial.close()
+            if isinstance(error, JobFailed):
+                self._record_job_end(job_record.FAILED)
             # Invalid input is final: a rerun needs a fixed input (a new job), so nothing is worth keeping.
             # Other stops (Ctrl-C, broker lost) keep finished chunks for a rerun to reuse.
             if isinstance(error, InputError) or not partial.finished:
@@ -153,24 +160,16 @@ class Job:
         finally:
             self._cleanup_keys()
 
-    def _send(self, index: int, start: int, texts: list[str], task_options: dict[str, Any], sends: int = 1) -> None:
-        self._with_broker(
-            lambda: send_chunk(
-                self.app, self.job_id, index, texts, task_options, queue=self.options.queue, attempt=sends - 1
-            )
-        )
-        self.pending[index] = _Pending(start, texts, time.monotonic(), sends)
-        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "sent_chunks", 1))
-
     def _collect(self, partial: PartialOutput) -> None:
         """Wait up to a second for one event; reconcile silent chunks when there is none."""
         event = self._with_broker(lambda: events.pop(self.redis, self.keys, self.job_id, timeout_s=1.0))
+        if event is None and self.on_idle is not None:
+            self.on_idle()
+        # Leases, the fleet and Redis are looked at about once a second, events or not.
+        self.dispatcher.tick(total_chunks=self.report.chunks if self.dispatcher.all_sent else None)
         if event is None:
-            if self.on_idle is not None:
-                self.on_idle()
-            self._reconcile()
             return
-        self._last_event_at = time.monotonic()
+        self.dispatcher.heard()
         chunk = int(event["chunk"])
         pending = self.pending.get(chunk)
         if pending is None:
@@ -179,23 +178,15 @@ class Job:
                 self.store.delete(self.job_id, chunk)
             return
         if event["type"] == "failed":
-            del self.pending[chunk]
-            self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "failed_chunks", 1))
-            self.report.failures.append(
-                {
-                    "chunk": chunk,
-                    "rows": [pending.start, pending.start + len(pending.texts)],
-                    "reason": event.get("reason", "unknown"),
-                    "quarantined": bool(event.get("quarantined")),
-                }
-            )
+            self.dispatcher.fail(chunk, event.get("reason", "unknown"), quarantined=bool(event.get("quarantined")))
+            self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.FAILED_CHUNKS, 1))
             return
         array = self._with_broker(lambda: self.store.get(self.job_id, chunk))
         if array is None:
             # Lost between the event and now (Redis restarted empty, evicted, expired): compute it again.
-            self._resend_or_fail(
-                chunk,
+            self.dispatcher.resend(
                 pending,
+                RESULT_VANISHED,
                 "its result vanished after it was reported done (Redis restarted "
                 "empty, or the key expired or was evicted: raise EMBEDQ_RESULT_TTL_S, use noeviction)",
             )
@@ -210,10 +201,26 @@ class Job:
             str(event["dtype"]),
         )
         partial.write_chunk(record, array)
-        self._with_broker(lambda: self.store.delete(self.job_id, chunk))
-        del self.pending[chunk]
+        self._settle(chunk)
+        self.dispatcher.collected(chunk, float(event.get("ms", 0.0)))
         self._count_finished(record, reused=False)
-        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), "done_chunks", 1))
+        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.DONE_CHUNKS, 1))
+
+    def _settle(self, chunk: int) -> None:
+        """First result wins: mark the chunk collected, then delete its result.
+
+        In that order: a later copy checks the mark after its own write (workers/tasks.py) and deletes
+        what it wrote, so whichever way the two interleave, no result key outlives the job.
+        """
+
+        def mark() -> None:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.sadd(self.keys.collected(self.job_id), str(chunk))
+                pipe.expire(self.keys.collected(self.job_id), events.EVENTS_TTL_S)
+                pipe.execute()
+
+        self._with_broker(mark)
+        self._with_broker(lambda: self.store.delete(self.job_id, chunk))
 
     def _earlier_results(self, partial: PartialOutput) -> dict[int, dict[str, Any]]:
         """Done events of chunks an earlier run of this job sent but never collected (it was killed)."""
@@ -240,26 +247,9 @@ class Job:
             str(event["dtype"]),
         )
         partial.write_chunk(record, array)
-        self._with_broker(lambda: self.store.delete(self.job_id, chunk.index))
+        self._settle(chunk.index)
         self._count_finished(record, reused=True)
         return True
-
-    def _resend_or_fail(self, index: int, pending: _Pending, why: str) -> None:
-        """Send a lost chunk again, or record it as failed once it has been sent max_sends times."""
-        if pending.sends >= self.options.max_sends:
-            del self.pending[index]
-            self.report.failures.append(
-                {
-                    "chunk": index,
-                    "rows": [pending.start, pending.start + len(pending.texts)],
-                    "reason": f"{why}; gave up after {pending.sends} sends",
-                    "quarantined": False,
-                }
-            )
-            return
-        log.warning("sending chunk %d again: %s", index, why)
-        self.report.resent_chunks += 1
-        self._send(index, pending.start, pending.texts, self.options.task_options(), pending.sends + 1)
 
     def _count_finished(self, record: ChunkRecord, *, reused: bool) -> None:
         self.report.tokens += record.tokens
@@ -269,27 +259,6 @@ class Job:
         if reused:
             self.report.reused_chunks += 1
         self.progress.update(record.rows)
-
-    def _reconcile(self) -> None:
-        """Send again the chunks that went silent: their message was lost (Redis restarted empty)."""
-        now = time.monotonic()
-        run_id = self._server_run_id()
-        restarted = run_id is not None and self._run_id is not None and run_id != self._run_id
-        if run_id is not None:
-            self._run_id = run_id
-        stalled = now - self._last_event_at >= self.options.stall_timeout_s
-        if not (restarted or stalled):
-            return
-        why = (
-            "Redis restarted (its run_id changed), so queued messages may be gone"
-            if restarted
-            else f"no worker finished it within --stall-timeout {self.options.stall_timeout_s:.0f} s: "
-            "are workers running?"
-        )
-        for index, pending in list(self.pending.items()):
-            if restarted or now - pending.sent_at >= self.options.stall_timeout_s:
-                self._resend_or_fail(index, pending, why)
-        self._last_event_at = now
 
     # -- broker trouble ------------------------------------------------------------------------
 
@@ -314,14 +283,6 @@ class Job:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _server_run_id(self) -> str | None:
-        try:
-            info = self.redis.info("server")
-        except (redis.exceptions.RedisError, OSError):
-            return None
-        run_id = info.get("run_id")
-        return str(run_id) if run_id else None
-
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _record_job_start(self) -> None:
@@ -329,19 +290,16 @@ class Job:
         self._with_broker(
             lambda: self.redis.hset(
                 key,
-                mapping={
-                    "input": self.input_path,
-                    "output": self.output,
-                    "model": self.options.model.name,
-                    "state": "running",
-                    "started": time.time(),
-                    "total_hint": self.total_hint or 0,
-                    # For `embedq status`: chunk size turns chunk counts into docs; a rerun counts afresh.
-                    "chunk_rows": self.options.chunk_rows,
-                    "sent_chunks": 0,
-                    "done_chunks": 0,
-                    "failed_chunks": 0,
-                },
+                # A rerun counts afresh: the counters start at 0 again.
+                mapping=job_record.JobRecord(
+                    input=self.input_path,
+                    output=self.output,
+                    model=self.options.model.name,
+                    state=job_record.RUNNING,
+                    started=time.time(),
+                    total_hint=self.total_hint or 0,
+                    chunk_rows=self.options.chunk_rows,
+                ).to_hash(),
             )
         )
         self.redis.zadd(self.keys.jobs(), {self.job_id: time.time()})
@@ -350,13 +308,13 @@ class Job:
         try:
             self.redis.hset(
                 self.keys.job(self.job_id),
-                mapping={
-                    "state": state,
-                    "rows": self.report.rows,
-                    "chunks": self.report.chunks,
-                    "wall_s": round(self.report.wall_s, 3),
-                    "failures": len(self.report.failures),
-                },
+                mapping=job_record.JobRecord.end_fields(
+                    state=state,
+                    rows=self.report.rows,
+                    chunks=self.report.chunks,
+                    wall_s=self.report.wall_s,
+                    failures=len(self.report.failures),
+                ),
             )
             self.redis.expire(self.keys.job(self.job_id), events.EVENTS_TTL_S)
         except (redis.exceptions.RedisError, OSError):
@@ -366,6 +324,10 @@ class Job:
         for index in list(self.pending):
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 self.store.delete(self.job_id, index)
+
+    def _count_resends(self) -> None:
+        self.report.resent_by_reason = dict(self.dispatcher.resent)
+        self.report.resent_chunks = sum(self.dispatcher.resent.values())
 
     def _cleanup_keys(self) -> None:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
@@ -398,6 +360,7 @@ class Job:
             "chunk_rows": self.options.chunk_rows,
             "reused_chunks": report.reused_chunks,
             "resent_chunks": report.resent_chunks,
+            "resent_by_reason": report.resent_by_reason,
             "tokens": report.tokens,
             "padded_tokens": report.padded_tokens,
             "truncated": report.truncated,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.model_info import ModelInfo
+from workers.queues import BULK
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,16 @@ class JobOptions:
     results: str = "redis"
     chunk_rows: int = 256
     max_in_flight: int = 8
-    queue: str = "bulk"
+    queue: str = BULK
     text_field: str = "text"
     id_field: str = "id"
     input_format: str = "auto"
     on_invalid: str = "fail"
     #: A chunk with no news for this long is sent again (its message may be lost).
     stall_timeout_s: float = 600.0
-    #: Sends of one chunk before the job gives up on it.
+    #: With no live worker for this long (none started, or every host lost), the job fails naming its rows.
+    workers_lost_s: float = 60.0
+    #: Sends of one chunk before the job gives up on it (backup copies of stragglers do not count).
     max_sends: int = 3
     #: How long to keep trying while the broker is unreachable mid-job.
     broker_retry_s: float = 300.0
@@ -58,6 +61,8 @@ class JobReport:
     chunks: int = 0
     reused_chunks: int = 0
     resent_chunks: int = 0
+    #: reason (producer/dispatcher.py RESEND_REASONS) -> copies sent again for it
+    resent_by_reason: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0

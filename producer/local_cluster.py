@@ -6,76 +6,38 @@ starts gets PR_SET_PDEATHSIG, so even a SIGKILLed producer leaves no orphan behi
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
-from workers.config import QUEUES, Settings
-
-if TYPE_CHECKING:
-    from producer.embedded_redis import EmbeddedRedis
+from producer.embedded_redis import EmbeddedRedis
+from producer.processes import start_process, stop_process
+from workers.config import Settings
 from workers.errors import WorkersFailed
+from workers.queues import QUEUES
 
 __all__ = ["LocalCluster", "WorkersFailed", "start_process", "stop_process", "worker_command"]
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Run in the child before exec: get SIGTERM when the process that started us dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-    os.setsid()  # own process group, so that stopping it stops its pool children too
-
-
-def start_process(args: Sequence[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            list(args),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )  # noqa: PLW1509 - no threads yet at this point
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
-    """SIGTERM the process group (warm shutdown), then SIGKILL what is left after `timeout_s`."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=timeout_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # also any pool child that outlived its parent
-    process.wait(timeout=5)
-
 
 def worker_command(
-    concurrency: int | None, pool: str = "prefork", hostname: str = "embedq-local@%h", loglevel: str = "WARNING"
+    concurrency: int | None,
+    pool: str = "prefork",
+    hostname: str = "embedq-local@%h",
+    loglevel: str = "WARNING",
+    *,
+    app: str = "workers.app",
 ) -> list[str]:
+    """`celery -A APP worker` on embedq's queues, in priority order."""
     args = [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "workers.app",
+        app,
         "worker",
         "--pool",
         pool,
@@ -116,8 +78,6 @@ class LocalCluster:
         self.broker_url = ""
 
     def start(self) -> LocalCluster:
-        from producer.embedded_redis import EmbeddedRedis
-
         self.server = EmbeddedRedis(self.folder / "valkey").start()
         self.broker_url = self.server.url
         worker_settings = self.settings.replace(broker_url=self.broker_url, result_url="")

@@ -16,11 +16,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from workers.config import QUEUES
+from workers.events import RESEND_REASONS
 from workers.keys import Keys
-
-#: kombu's redis transport keeps one list per queue and priority step: "queue", "queue\x06\x163", ...
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+from workers.liveness import live_workers
+from workers.queues import QUEUES, queue_depth
 
 #: stats field -> (metric name, help, scale)
 _COUNTERS = {
@@ -31,6 +30,11 @@ _COUNTERS = {
     "chunks_done": ("embedq_chunks_done", "Chunks embedded and stored", 1.0),
     "chunks_failed": ("embedq_chunks_failed", "Chunks that failed for good", 1.0),
     "chunks_quarantined": ("embedq_chunks_quarantined", "Chunks quarantined after killing their worker", 1.0),
+    "copies_dropped": (
+        "embedq_chunk_copies_dropped",
+        "Late or duplicate chunk copies dropped unstored (first result wins)",
+        1.0,
+    ),
     "encode_ms": ("embedq_encode_seconds", "Time spent encoding chunks", 0.001),
     "cache_hits": ("embedq_cache_hits", "Texts served from the embeddings cache", 1.0),
     "cache_misses": ("embedq_cache_misses", "Texts looked up in the cache and not found", 1.0),
@@ -39,15 +43,8 @@ _COUNTERS = {
 }
 
 
-def queue_depth(client: redis.Redis, keys: Keys, queue: str) -> int:
-    """Messages waiting in `queue` (all of its priority lists)."""
-    with client.pipeline(transaction=False) as pipe:
-        for suffix in _PRIORITY_SUFFIXES:
-            pipe.llen(f"{keys.prefix}:{queue}{suffix}")
-        return int(sum(pipe.execute()))
-
-
 def read_stats(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The fleet counters hash, decoded."""
     raw = cast(dict[bytes, bytes], client.hgetall(keys.stats()))
     return {k.decode(): int(v) for k, v in raw.items()}
 
@@ -63,10 +60,22 @@ class FleetCollector(Collector):
         try:
             stats = read_stats(self.client, self.keys)
             depths = {queue: queue_depth(self.client, self.keys, queue) for queue in QUEUES}
+            alive = float(len(live_workers(self.client, self.keys)))
             up = 1.0
         except (redis.exceptions.RedisError, OSError):
-            stats, depths, up = {}, {}, 0.0
+            stats, depths, up, alive = {}, {}, 0.0, 0.0
         yield GaugeMetricFamily("embedq_broker_up", "1 when the broker answered this scrape", value=up)
+        yield GaugeMetricFamily(
+            "embedq_workers_alive",
+            "Worker main processes whose liveness key has not expired (a lost host drops out within the lease TTL)",
+            value=alive,
+        )
+        resent = CounterMetricFamily(
+            "embedq_chunks_resent", "Chunk copies the producers sent again, by reason", labels=["reason"]
+        )
+        for reason in RESEND_REASONS:
+            resent.add_metric([reason], float(stats.get(f"resent_{reason}", 0)))
+        yield resent
         for field, (name, help_text, scale) in _COUNTERS.items():
             yield CounterMetricFamily(name, help_text, value=stats.get(field, 0) * scale)
         padded = stats.get("padded_tokens", 0)

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from producer import local_state
 from producer.embedded_redis import EmbeddedRedis
-from producer.local_cluster import start_process, stop_process, worker_command
+from producer.local_cluster import worker_command
+from producer.processes import start_process, stop_process
 from workers.config import Settings
 from workers.errors import WorkersFailed
 from workers.keys import redact
+from workers.queues import INTERACTIVE
 
 
 @dataclass
@@ -46,7 +48,7 @@ def interactive_worker(settings: Settings, children: int, hostname: str) -> tupl
     costs a model's memory, not cores.
     """
     command = worker_command(children, hostname=hostname, loglevel="INFO")
-    command[command.index("-Q") + 1] = "interactive"
+    command[command.index("-Q") + 1] = INTERACTIVE
     env = {
         **os.environ,
         **settings.replace(torch_threads=1).to_env(),

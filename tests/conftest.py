@@ -1,7 +1,8 @@
 """Shared fixtures: real Redis-protocol servers, real worker processes, tiny models; all torn down.
 
-Servers: the embedded Valkey always; the machine's Redis too when EMBEDQ_TEST_REDIS_URL is set
-(CI sets it). Each test gets its own key prefix and deletes its keys afterwards.
+Servers: the embedded Valkey always; the machine's Redis too when TESTS_REDIS_URL is set
+(CI sets it). Each test gets its own key prefix and deletes its keys afterwards. Test-only variables
+never start with EMBEDQ_: workers refuse unknown EMBEDQ_* names.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 import redis
 
 from producer.embedded_redis import EmbeddedRedis
-from producer.local_cluster import start_process, stop_process, worker_command
+from producer.local_cluster import worker_command
+from producer.processes import start_process, stop_process
 from workers.config import Settings
 from workers.model_info import default_model_path
 
@@ -31,9 +33,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once, in one line, when an environment still sets the test variables of old."""
+    legacy = sorted(name for name in os.environ if name.startswith("EMBEDQ_TEST_"))
+    if legacy:
+        raise pytest.UsageError(
+            f"{', '.join(legacy)}: test variables no longer start with EMBEDQ_ (workers refuse unknown EMBEDQ_* "
+            "names); use TESTS_REDIS_URL and TESTS_ARTIFACTS_DIR, and tests/faults/fault_app.py for faults"
+        )
+
+
 def _server_params() -> list[str]:
     params = ["valkey"]
-    if os.environ.get("EMBEDQ_TEST_REDIS_URL"):
+    if os.environ.get("TESTS_REDIS_URL"):
         params.append("redis")
     return params
 
@@ -47,14 +59,14 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="session")
 def machine_redis_url() -> str:
-    url = os.environ.get("EMBEDQ_TEST_REDIS_URL", "")
+    url = os.environ.get("TESTS_REDIS_URL", "")
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.exceptions.RedisError as error:
         # Locally a missing server skips; in CI it must be there, so its absence fails the run.
         if os.environ.get("CI"):
-            pytest.fail(f"EMBEDQ_TEST_REDIS_URL={url} does not answer in CI: {error}")
-        pytest.skip(f"no Redis at EMBEDQ_TEST_REDIS_URL={url}")
+            pytest.fail(f"TESTS_REDIS_URL={url} does not answer in CI: {error}")
+        pytest.skip(f"no Redis at TESTS_REDIS_URL={url}")
     return url
 
 
@@ -144,10 +156,12 @@ class WorkerProcess:
 
 @dataclass
 class WorkerFactory:
-    """Starts real `celery -A workers.app worker` processes; stops every one of them at teardown."""
+    """Starts real `celery -A APP worker` processes; stops every one of them at teardown."""
 
     tmp_path: Path
     started: list[WorkerProcess] = field(default_factory=list)
+    #: The Celery app module: the production one, or the fault tests' (tests/faults/fault_app.py).
+    app: str = "workers.app"
 
     def start(
         self,
@@ -160,7 +174,8 @@ class WorkerFactory:
     ) -> WorkerProcess:
         hostname = f"w{len(self.started)}-{uuid.uuid4().hex[:6]}@test"
         log_path = self.tmp_path / f"{hostname.split('@')[0]}.log"
-        command = worker_command(concurrency, pool, hostname=hostname, loglevel="INFO") + (extra_args or [])
+        command = worker_command(concurrency, pool, hostname=hostname, loglevel="INFO", app=self.app)
+        command += extra_args or []
         full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         worker = WorkerProcess(start_process(command, env=full_env, log_path=log_path), log_path, hostname)
         self.started.append(worker)
@@ -186,7 +201,7 @@ def run_embedq(
         # Tests start workers and the producer together: the producer waits for them, as such a user would ask.
         args = (*args, "--wait-for-workers", "120")
     full_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_") or k.startswith("EMBEDQ_TEST")},
+        **{k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")},
         "PYTHONPATH": str(ROOT),
         **(env or {}),
     }

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from producer.embedded_redis import free_port
-from producer.local_cluster import start_process, stop_process, worker_command
+from producer.local_cluster import worker_command
+from producer.processes import start_process, stop_process
 from tests.conftest import ROOT, wait_until
 from workers.config import Settings
 
@@ -47,7 +48,7 @@ def responds(url: str) -> bool:
 
 
 def python_env(**extra: str) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_") or k.startswith("EMBEDQ_TEST")}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
     return {**inherited, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
 
 

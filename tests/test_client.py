@@ -16,6 +16,7 @@ import pytest
 from producer.async_client import AsyncEmbedClient
 from producer.broker import send_chunk, sender_app
 from producer.client import EmbedClient
+from producer.job_record import JobRecord
 from producer.status import job_status
 from tests.conftest import Broker, run_embedq, wait_until
 from tests.serving import Fleet
@@ -202,7 +203,7 @@ def test_status_of_a_running_job_estimates_rate_and_eta() -> None:
         "failed_chunks": "1",
         "input": "corpus.jsonl",
     }
-    status = job_status("j1", fields, now=1010.0)
+    status = job_status("j1", JobRecord.from_hash(fields), now=1010.0)
     assert (status.done_chunks, status.total_chunks, status.docs_done, status.docs_total) == (3, 10, 300, 1000)
     assert status.docs_per_s == pytest.approx(30.0)
     assert status.eta_s == pytest.approx(700 / 30.0)

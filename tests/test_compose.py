@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from producer.embedded_redis import free_port, valkey_binary
-from producer.local_cluster import start_process, stop_process
+from producer.processes import start_process, stop_process
 from tests.conftest import ROOT, run_embedq, wait_until
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
@@ -91,7 +91,7 @@ class Local:
         self.processes.clear()
 
     def python_env(self, spec: dict[str, Any], **extra: str) -> dict[str, str]:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_") or k.startswith("EMBEDQ_TEST")}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
         service_env = {k: self.localize(v) for k, v in _environment(spec).items()}
         return {**inherited, **service_env, "PYTHONPATH": str(ROOT), **extra}
 

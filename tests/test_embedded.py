@@ -50,7 +50,7 @@ class Run:
         self.env = {"TMPDIR": str(self.tmpdir)}
 
     def full_env(self) -> dict[str, str]:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_") or k.startswith("EMBEDQ_TEST")}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
         return {**inherited, "PYTHONPATH": str(ROOT), **self.env}
 
     def orphans(self) -> list[str]:
@@ -147,13 +147,14 @@ def test_a_signal_mid_job_stops_everything_and_exits_130(tiny_bert: Path, tmp_pa
 
 
 def test_workers_that_cannot_start_end_the_job_quickly_with_their_reason(tiny_bert: Path, tmp_path: Path) -> None:
-    # given a machine where the workers' memory check fails (played through the test override)
+    # given a batch budget whose activations fit on no machine (10^9 tokens: terabytes), so that the
+    # workers' memory check fails for real
     run = Run(tmp_path)
-    run.env["EMBEDQ_TEST_AVAILABLE_MEMORY_BYTES"] = "1000"
     corpus = _corpus(tmp_path / "corpus.jsonl", 50)
     out = tmp_path / "out.npy"
     # when an embedded job is started
-    result = run_embedq("embed", str(corpus), "-o", str(out), "--model", str(tiny_bert), env=run.env, timeout=120)
+    args = ("embed", str(corpus), "-o", str(out), "--model", str(tiny_bert), "--batch-tokens", str(10**9))
+    result = run_embedq(*args, env=run.env, timeout=120)
     # then it ends (no hang) with the workers' exit code and their one-line reason
     assert result.returncode == exitcodes.WORKERS, result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCER_MODULES = sorted(f"producer.{p.stem}" for p in (ROOT / "producer").glob("*.py") if p.stem != "__main__")
-LIGHT_MODULES = ["workers.app", *PRODUCER_MODULES]
+LIGHT_MODULES = ["workers.app", "workers.tasks", *PRODUCER_MODULES]
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
 
@@ -20,7 +20,7 @@ def _heavy_after_importing(*modules: str) -> list[str]:
         f"import json, sys; import {', '.join(modules)}; "
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_") or k.startswith("EMBEDQ_TEST")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,

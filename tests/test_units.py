@@ -201,7 +201,7 @@ def test_resume_log_cut_short_by_a_crash_keeps_what_came_before(tmp_path: Path) 
 # -- settings ----------------------------------------------------------------------------------
 
 
-def test_settings_from_env_reads_typed_values_and_ignores_test_variables() -> None:
+def test_settings_from_env_reads_typed_values_and_ignores_other_variables() -> None:
     settings = Settings.from_env(
         {
             "EMBEDQ_BATCH_TOKENS": "4096",
@@ -209,7 +209,7 @@ def test_settings_from_env_reads_typed_values_and_ignores_test_variables() -> No
             "EMBEDQ_SKIP_MEMORY_CHECK": "yes",
             "EMBEDQ_TASK_TIME_LIMIT_S": "60",
             "EMBEDQ_TASK_SOFT_TIME_LIMIT_S": "50",
-            "EMBEDQ_TEST_REDIS_URL": "redis://x",
+            "TESTS_REDIS_URL": "redis://x",
             "PATH": "/bin",
         }
     )
@@ -221,6 +221,8 @@ def test_settings_from_env_reads_typed_values_and_ignores_test_variables() -> No
     ("env", "message"),
     [
         ({"EMBEDQ_BATCH_TOKEN": "10"}, "unknown setting EMBEDQ_BATCH_TOKEN"),
+        # No test switch either: faults are played by tests/faults/fault_app.py, never read by workers.
+        ({"EMBEDQ_TEST_KILL_ON_TEXT": "x"}, "unknown setting EMBEDQ_TEST_KILL_ON_TEXT"),
         ({"EMBEDQ_BATCH_TOKENS": "many"}, "EMBEDQ_BATCH_TOKENS='many'"),
         ({"EMBEDQ_SKIP_MEMORY_CHECK": "maybe"}, "expected true/false"),
         ({"EMBEDQ_DTYPE": "int8"}, "EMBEDQ_DTYPE='int8'"),
@@ -305,3 +307,19 @@ def test_resolve_model_errors_name_the_model_and_the_fix(
     path = name.format(tmp=tmp_path, bert=bert, broken=broken, nowidth=nowidth)
     with pytest.raises(error, match=message):
         resolve_model(path, **kwargs)  # type: ignore[arg-type]
+
+
+# -- extras --------------------------------------------------------------------------------------
+
+
+def test_a_missing_extra_is_named_with_the_command_that_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import extras
+    from workers.errors import MissingExtra
+
+    extras.require("embedq serve", "serve", "worker")  # the full install has every extra
+    monkeypatch.setitem(extras.EXTRAS, "gpu", ("no_such_module_anywhere",))
+    monkeypatch.setitem(extras.EXTRAS, "tpu", ("another_missing_module",))
+    with pytest.raises(MissingExtra, match=r"^embedq x needs the gpu extra: pip install 'embedq\[gpu\]'$"):
+        extras.require("embedq x", "worker", "gpu")
+    with pytest.raises(MissingExtra, match=r"needs the gpu and tpu extras: pip install 'embedq\[gpu,tpu\]'$"):
+        extras.require("embedq x", "gpu", "tpu")

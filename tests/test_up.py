@@ -175,8 +175,8 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
         assert "'rows': 8" in task_dom and "'tokens':" in task_dom and "'ms':" in task_dom, task_dom[-3000:]
         for shot in shots:
             assert shot.exists() and shot.stat().st_size > 10_000
-            if os.environ.get("EMBEDQ_TEST_ARTIFACTS"):  # keep the screenshots for a human (CI artifacts)
-                shutil.copy(shot, Path(os.environ["EMBEDQ_TEST_ARTIFACTS"]) / shot.name)
+            if os.environ.get("TESTS_ARTIFACTS_DIR"):  # keep the screenshots for a human (CI artifacts)
+                shutil.copy(shot, Path(os.environ["TESTS_ARTIFACTS_DIR"]) / shot.name)
 
     # and Ctrl-C stops every process it started
     started = descendants(process.pid)

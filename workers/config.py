@@ -14,11 +14,13 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from workers.errors import ConfigError
+from workers.queues import BULK, QUEUES
+
+__all__ = ["DTYPES", "POOLINGS", "QUEUES", "TASK_EMBED_CHUNK", "Settings", "celery_config"]
 
 PREFIX = "EMBEDQ_"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean", "max")
-QUEUES = ("interactive", "bulk")
 TASK_EMBED_CHUNK = "embedq.embed_chunk"
 TASK_PING = "embedq.ping"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -62,6 +64,12 @@ class Settings:
     visibility_timeout_s: float = 3600.0
     task_time_limit_s: float = 1800.0
     task_soft_time_limit_s: float = 1740.0
+    #: A running chunk's lease lives this long unless its pool child renews it (every fifth of it): a
+    #: silent holder (host lost, partitioned, frozen) has its chunk sent again about this long after.
+    lease_ttl_s: float = 10.0
+    #: Socket timeout and health-check interval of every Redis connection of a worker: a worker whose
+    #: link is cut notices within about this long instead of the kernel's ~15 minutes.
+    broker_timeout_s: float = 5.0
     #: A chunk whose worker died this many times is quarantined instead of retried again.
     max_deliveries: int = 3
     result_ttl_s: int = 24 * 3600
@@ -103,6 +111,10 @@ class Settings:
             )
         if self.max_child_memory_mb is not None and self.max_child_memory_mb < 0:
             raise ConfigError(f"EMBEDQ_MAX_CHILD_MEMORY_MB={self.max_child_memory_mb}: must be 0 (off) or a size in MB")
+        if self.lease_ttl_s < 1.0:
+            raise ConfigError(f"EMBEDQ_LEASE_TTL_S={self.lease_ttl_s:g}: must be at least 1 s")
+        if self.broker_timeout_s < 1.0:
+            raise ConfigError(f"EMBEDQ_BROKER_TIMEOUT_S={self.broker_timeout_s:g}: must be at least 1 s")
         if self.max_deliveries < 1:
             raise ConfigError(f"EMBEDQ_MAX_DELIVERIES={self.max_deliveries}: must be at least 1")
         if not self.key_prefix or ":" in self.key_prefix:
@@ -129,7 +141,7 @@ class Settings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in environ.items():
-            if not key.startswith(PREFIX) or key.startswith(PREFIX + "TEST_"):
+            if not key.startswith(PREFIX):
                 continue
             name = key[len(PREFIX) :].lower()
             if name not in fields:
@@ -162,6 +174,19 @@ def _restore_sweep(visibility_timeout_s: float) -> dict[str, int]:
     return {"unacked_restore_interval": interval_s, "unacked_restore_throttle": max(1, sweep_s // interval_s)}
 
 
+def keepalive_options(timeout_s: float) -> dict[int, int]:
+    """TCP keepalive probes that declare a silent peer dead after about `timeout_s` (Linux names)."""
+    import socket
+
+    idle_s = max(1, int(timeout_s / 2))
+    options = {}
+    probes = max(1, int(timeout_s) - idle_s)
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, name):
+            options[getattr(socket, name)] = value
+    return options
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for embedq; see ARCHITECTURE.md for why each delivery setting is what it is."""
     return {
@@ -173,6 +198,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # seconds (100 s by default); tie the sweep to the visibility timeout so that it stays small
             # next to it, whatever the timeout is.
             **_restore_sweep(settings.visibility_timeout_s),
+            # Redis has no heartbeats: without these a worker on a cut link waits on a dead socket for the
+            # kernel's ~15 minutes. kombu >= 5.7 also drops a BRPOP whose reply is overdue by this long.
+            "socket_timeout": settings.broker_timeout_s * 2,
+            "socket_connect_timeout": settings.broker_timeout_s,
+            "socket_keepalive": True,
+            "socket_keepalive_options": keepalive_options(settings.broker_timeout_s),
+            "health_check_interval": max(1, int(settings.broker_timeout_s)),
+            "retry_on_timeout": False,
             # Poll queues in the order given, so that `interactive` always goes before `bulk`.
             "queue_order_strategy": "priority",
             # Celery's own keys (queues, unacked) share embedq's prefix: tenants and tests never collide.
@@ -185,7 +218,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_default_queue": "bulk",
+        "task_default_queue": BULK,
         # Declared in priority order: a worker polls `interactive` before `bulk`.
         "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         "task_acks_late": True,
@@ -194,6 +227,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A host healed after a partition must come back by itself, however long the cut lasted.
+        "broker_connection_max_retries": None,
         "worker_proc_alive_timeout": settings.proc_alive_timeout_s,
         "worker_pool_start_method": settings.pool_start_method,
         "worker_send_task_events": True,

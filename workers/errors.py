@@ -14,8 +14,16 @@ class ConfigError(EmbedqError):
     """Raised when settings, flags or EMBEDQ_* variables are invalid or contradict each other."""
 
 
+class MissingExtra(ConfigError):
+    """Raised when a command needs an optional part of embedq (an extra) that is not installed."""
+
+
 class ModelError(EmbedqError):
     """Raised when a model cannot be found, read or loaded."""
+
+
+class ModelNotInstalled(ModelError):
+    """Raised when describing a model needs a package of the worker extra (the packaged default, the hub)."""
 
 
 class ModelMismatch(EmbedqError):

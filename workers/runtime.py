@@ -10,10 +10,11 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from workers import model_registry
 from workers.config import Settings
 from workers.errors import WorkerNotReady
 from workers.keys import Keys, connect
@@ -96,6 +97,19 @@ def bound_native_memory() -> None:
         log.info("mallopt unavailable: the mmap threshold stays glibc's default")
 
 
+def worker_socket_options(settings: Settings) -> dict[str, Any]:
+    """redis-py options for a worker's own connections: a cut link fails within seconds, not minutes."""
+    from workers.config import keepalive_options
+
+    return {
+        "socket_timeout": settings.broker_timeout_s * 2,
+        "socket_connect_timeout": settings.broker_timeout_s,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(settings.broker_timeout_s),
+        "health_check_interval": max(1, int(settings.broker_timeout_s)),
+    }
+
+
 def init_process(settings: Settings) -> WorkerContext:
     """Load the model and connect; idempotent within a process."""
     global _context
@@ -116,12 +130,14 @@ def init_process(settings: Settings) -> WorkerContext:
         model = resolve_model(settings.model)
         encoder = Encoder.load(model, settings.device)
         load_s = time.monotonic() - started
-        coordination = connect(settings.broker_url)
+        coordination = connect(settings.broker_url, **worker_socket_options(settings))
         _context = WorkerContext(settings, model, encoder, coordination, Keys(settings.key_prefix), load_s, threads)
-        # For /metrics (embedq_model_load_seconds): how often children load a model and how long it takes.
+        # For /metrics (embedq_model_load_seconds): how often children load a model and how long it takes;
+        # and the model itself, for light producers that cannot read it (workers/model_registry.py).
         with coordination.pipeline(transaction=False) as pipe:
             pipe.hincrby(_context.keys.stats(), "model_loads", 1)
             pipe.hincrby(_context.keys.stats(), "model_load_ms", int(load_s * 1000))
+            model_registry.announce(pipe, _context.keys, model)
             pipe.execute()
         log.warning(
             "embedq child %d ready: %s, %d torch threads, loaded in %.1f s (%s)",

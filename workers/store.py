@@ -10,7 +10,9 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -39,6 +41,14 @@ class ResultStore(ABC):
         """Forget every chunk of `job`."""
 
 
+def decode_result(fields: Mapping[Any, Any]) -> np.ndarray | None:
+    """The matrix of one chunk's result hash (HGETALL of `Keys.result`), or None when there is none."""
+    if not fields:
+        return None
+    rows, dim = int(fields[b"rows"]), int(fields[b"dim"])
+    return np.frombuffer(fields[b"data"], dtype="<f4").reshape(rows, dim)
+
+
 class RedisStore(ResultStore):
     """A hash per chunk: rows, dim and the raw little-endian float32 bytes, expiring after `ttl_s`."""
 
@@ -57,11 +67,7 @@ class RedisStore(ResultStore):
 
     def get(self, job: str, chunk: int) -> np.ndarray | None:
         # A client made with decode_responses would hand back str and corrupt the bytes: insist on bytes.
-        fields: dict[bytes, bytes] = self.client.hgetall(self.keys.result(job, chunk))  # type: ignore[assignment]
-        if not fields:
-            return None
-        rows, dim = int(fields[b"rows"]), int(fields[b"dim"])
-        return np.frombuffer(fields[b"data"], dtype="<f4").reshape(rows, dim)
+        return decode_result(self.client.hgetall(self.keys.result(job, chunk)))  # type: ignore[arg-type]
 
     def delete(self, job: str, chunk: int) -> None:
         self.client.delete(self.keys.result(job, chunk))

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import signal
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from workers import events, runtime
 from workers.app import app
 from workers.config import TASK_EMBED_CHUNK
 from workers.errors import EmbedqError, ModelMismatch, is_retryable
+from workers.lease import ChunkLease
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()
 
 
 def _fail(ctx: runtime.WorkerContext, job: str, chunk: int, reason: str, *, quarantined: bool = False) -> None:
-    event = {"type": "failed", "chunk": chunk, "reason": reason, "quarantined": quarantined, "worker": _HOST}
+    event: events.ChunkFailed = {
+        "type": "failed",
+        "chunk": chunk,
+        "reason": reason,
+        "quarantined": quarantined,
+        "worker": _HOST,
+    }
     events.publish(ctx.coordination, ctx.keys, job, event, {"chunks_failed": 1, "chunks_quarantined": int(quarantined)})
 
 
@@ -30,25 +38,37 @@ def delivery_field(chunk: int, task_id: str | None, retries: int | None) -> str:
     return f"{chunk}:{task_id or '-'}:{retries or 0}"
 
 
-def _test_faults(texts: list[Any]) -> None:
-    """Test-only fault injection, off unless an EMBEDQ_TEST_* variable is set (never set them in production).
+def settled(ctx: runtime.WorkerContext, job: str, chunk: int) -> str:
+    """Why a copy of (job, chunk) need not run or be stored any more, or "" when it still matters.
 
-    EMBEDQ_TEST_KILL_ON_TEXT: a pool child given a text containing this marker SIGKILLs itself, as the
-    out-of-memory killer would; EMBEDQ_TEST_CHUNK_DELAY_S: every chunk sleeps this long once started, so
-    that a test's signal lands mid-chunk.
+    The producer adds a chunk to `Keys.collected` as it writes it, and marks the job done or failed at its
+    end: a backup copy, a frozen host that resumes, or a message Redis redelivers an hour later all
+    learn here that the first result already won.
     """
-    marker = os.environ.get("EMBEDQ_TEST_KILL_ON_TEXT")
-    if marker and any(isinstance(text, str) and marker in text for text in texts):
-        os.kill(os.getpid(), signal.SIGKILL)
-    delay_s = float(os.environ.get("EMBEDQ_TEST_CHUNK_DELAY_S") or 0)
-    if delay_s > 0:
-        time.sleep(delay_s)
+    with ctx.coordination.pipeline(transaction=False) as pipe:
+        pipe.hget(ctx.keys.job(job), "state")
+        pipe.sismember(ctx.keys.collected(job), str(chunk))
+        state, collected = pipe.execute()
+    if state in (b"done", b"failed"):
+        return f"its job is {state.decode()}"
+    return "another copy was collected first" if collected else ""
+
+
+def _drop(ctx: runtime.WorkerContext, job: str, chunk: int, attempt: int, why: str) -> dict[str, Any]:
+    log.warning("job %s chunk %d attempt %d dropped without storing: %s", job, chunk, attempt, why)
+    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        ctx.coordination.hincrby(ctx.keys.stats(), "copies_dropped", 1)
+    return {"chunk": chunk, "attempt": attempt, "dropped": why}
 
 
 @app.task(name=TASK_EMBED_CHUNK, bind=True, max_retries=5)
 def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
     """Embed `texts` (chunk `chunk` of job `job`), store the float32 matrix, report small metadata."""
     ctx = runtime.current()
+    attempt = int(options.get("attempt", 0))
+    why = settled(ctx, job, chunk)
+    if why:
+        return _drop(ctx, job, chunk, attempt, why)
     deliveries_key = ctx.keys.deliveries(job)
     # Counted per message: a redelivery after a worker died keeps the task id and the retry number,
     # while a deliberate retry or a resend by the producer is a new message with a fresh count.
@@ -63,8 +83,31 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         log.error("job %s chunk %d %s", job, chunk, reason)
         _fail(ctx, job, chunk, reason, quarantined=True)
         return {"chunk": chunk, "quarantined": True}
-    _test_faults(texts)
+    worker = f"{_HOST}:{os.getpid()}"
+    # The lease names the Celery node (its liveness key) so that the producer can tell a dead child, which
+    # Celery requeues itself, from a lost host.
+    node = str(self.request.hostname or worker)
+    with ChunkLease(
+        ctx.coordination, ctx.keys, job, chunk, attempt, ttl_s=ctx.settings.lease_ttl_s, worker=node
+    ) as lease:
+        meta = _embed_and_store(self, ctx, job, chunk, texts, options, lease)
+    if "dropped" not in meta:
+        meta["worker"] = worker
+        events.publish(ctx.coordination, ctx.keys, job, cast(events.ChunkDone, meta), _stats_of(meta))
+    return meta
 
+
+def _embed_and_store(
+    task: Any,
+    ctx: runtime.WorkerContext,
+    job: str,
+    chunk: int,
+    texts: list[str],
+    options: dict[str, Any],
+    lease: ChunkLease,
+) -> dict[str, Any]:
+    """Encode and store under the chunk's lease; a copy whose lease was lost, or that lost the race, is dropped."""
+    attempt = int(options.get("attempt", 0))
     t0 = time.perf_counter()
     try:
         wanted = options.get("model")
@@ -78,7 +121,19 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
             dtype=options.get("dtype") or ctx.settings.dtype,
             batch_tokens=int(options.get("batch_tokens") or ctx.settings.batch_tokens),
         )
-        ctx.store(options.get("results", "redis")).put(job, chunk, result.embeddings)
+        if lease.lost.is_set():
+            return _drop(ctx, job, chunk, attempt, "its lease was lost while it ran (another copy was sent)")
+        why = settled(ctx, job, chunk)
+        if why:
+            return _drop(ctx, job, chunk, attempt, why)
+        store = ctx.store(options.get("results", "redis"))
+        store.put(job, chunk, result.embeddings)
+        # Checked again after the write: the producer collects (deletes the key, then marks the chunk) in one
+        # transaction, so a copy that lost the race between the two checks removes what it just wrote.
+        why = settled(ctx, job, chunk)
+        if why:
+            store.delete(job, chunk)
+            return _drop(ctx, job, chunk, attempt, why)
     except SoftTimeLimitExceeded:
         _fail(
             ctx,
@@ -88,15 +143,17 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         )
         raise
     except Exception as error:
-        if is_retryable(error) and self.request.retries < self.max_retries:
-            raise self.retry(exc=error, countdown=min(2**self.request.retries, 30)) from error
+        if lease.lost.is_set():
+            return _drop(ctx, job, chunk, attempt, f"its lease was lost and then {type(error).__name__}: {error}")
+        if is_retryable(error) and task.request.retries < task.max_retries:
+            raise task.retry(exc=error, countdown=min(2**task.request.retries, 30)) from error
         reason = str(error) if isinstance(error, EmbedqError) else f"{type(error).__name__}: {error}"
         _fail(ctx, job, chunk, reason)
         raise
-
     meta: dict[str, Any] = {
         "type": "done",
         "chunk": chunk,
+        "attempt": attempt,
         "rows": int(result.embeddings.shape[0]),
         "dim": int(result.embeddings.shape[1]),
         "tokens": result.tokens,
@@ -105,20 +162,16 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         "batches": result.batches,
         "dtype": result.dtype,
         "ms": round((time.perf_counter() - t0) * 1000.0, 1),
-        "worker": f"{_HOST}:{os.getpid()}",
     }
-    events.publish(
-        ctx.coordination,
-        ctx.keys,
-        job,
-        meta,
-        {
-            "chunks_done": 1,
-            "docs": meta["rows"],
-            "tokens": result.tokens,
-            "padded_tokens": result.padded_tokens,
-            "batches": result.batches,
-            "encode_ms": int(meta["ms"]),
-        },
-    )
     return meta
+
+
+def _stats_of(meta: dict[str, Any]) -> dict[str, int]:
+    return {
+        "chunks_done": 1,
+        "docs": meta["rows"],
+        "tokens": meta["tokens"],
+        "padded_tokens": meta["padded_tokens"],
+        "batches": meta["batches"],
+        "encode_ms": int(meta["ms"]),
+    }

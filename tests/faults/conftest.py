@@ -1,7 +1,8 @@
 """Fixtures for the fault suite: short delivery timeouts, a tiny model, producers that can be SIGKILLed.
 
-Every fault test runs real processes (valkey-server, `celery -A workers.app worker`, `python -m
-producer.cli embed`) and real signals; nothing here is mocked. The timeouts are shortened so that
+Every fault test runs real processes (valkey-server, `celery -A tests.faults.fault_app worker`: the
+production app plus the faults it is told to play, `python -m producer.cli embed`) and real signals;
+nothing here is mocked. The timeouts are shortened so that
 a redelivery takes seconds instead of an hour, keeping the time limits below the visibility timeout
 as embedq requires.
 """
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 
 from producer.embedded_redis import EmbeddedRedis
-from tests.conftest import ROOT, Broker, WorkerProcess, wait_until, write_texts_jsonl
+from tests.conftest import ROOT, Broker, WorkerFactory, WorkerProcess, wait_until, write_texts_jsonl
 
 #: Redis gives an unacked message back after this long; time limits stay below it.
 VISIBILITY_S = 5.0
@@ -35,6 +36,16 @@ FAULT_SETTINGS: dict[str, object] = {
 }
 TEXTS = [f"fault test document {i}: {'lorem ipsum ' * (i % 7)}dolor" for i in range(32)]
 CHUNK = 4  # 8 chunks of 4 rows
+#: The Celery app of every worker a fault test starts: production's, with faults played from test code.
+FAULT_APP = "tests.faults.fault_app"
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Real workers of the fault app (without FAULT_* variables it is the production worker exactly)."""
+    factory = WorkerFactory(tmp_path, app=FAULT_APP)
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture
@@ -70,7 +81,7 @@ def write_corpus(path: Path, texts: list[str] = TEXTS) -> Path:
 def worker_env(broker: Broker, tiny_bert: Path, *, delay_s: float = 0.0, **changes: object) -> dict[str, str]:
     env = broker.env(model=str(tiny_bert), **{**FAULT_SETTINGS, **changes})
     if delay_s:
-        env["EMBEDQ_TEST_CHUNK_DELAY_S"] = str(delay_s)
+        env["FAULT_CHUNK_DELAY_S"] = str(delay_s)
     return env
 
 
@@ -80,8 +91,14 @@ def wait_ready(worker: WorkerProcess, children: int = 1, timeout_s: float = 60.0
 
 
 def succeeded(*logs: str) -> Counter[str]:
-    """Task id -> times a worker logged it as succeeded."""
-    return Counter(m for log in logs for m in re.findall(r"embedq\.embed_chunk\[([^\]]+)\] succeeded", log))
+    """Task id -> times a worker logged it as succeeded (a late copy dropped unstored does not count)."""
+    pattern = r"embedq\.embed_chunk\[([^\]]+)\] succeeded[^\n]*"
+    return Counter(m.group(1) for log in logs for m in re.finditer(pattern, log) if "'dropped'" not in m.group(0))
+
+
+def succeeded_chunks(*logs: str) -> Counter[int]:
+    """Chunk -> times a worker stored it, whichever attempt (a re-sent copy has a new task id)."""
+    return Counter(chunk_of(task) for task, n in succeeded(*logs).items() for _ in range(n))
 
 
 def received(log: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Killed pool children, killed workers, warm shutdown, and a chunk that kills its worker every time.
 
-Real `celery -A workers.app worker` processes on a real valkey-server, real signals, the real CLI;
-the output of every run must equal a clean run's.
+Real `celery -A tests.faults.fault_app worker` processes (the production app, with faults played by
+test code) on a real valkey-server, real signals, the real CLI; the output of every run must equal a
+clean run's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.faults.conftest import (
     deliveries,
     first_received,
     succeeded,
+    succeeded_chunks,
     wait_ready,
     wait_started,
     worker_env,
@@ -67,7 +69,7 @@ def test_sigkill_of_a_pool_child_mid_chunk_is_redone_by_a_new_child(
 
 
 @pytest.mark.timeout(90)
-def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_after_the_visibility_timeout(
+def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_within_seconds(
     fault_broker: Broker,
     workers: WorkerFactory,
     producers: ProducerFactory,
@@ -87,9 +89,10 @@ def test_sigkill_of_a_whole_worker_leaves_its_chunk_to_the_other_worker_after_th
     os.killpg(slow.process.pid, signal.SIGKILL)
     slow.process.wait(10)
 
-    # then B runs that chunk once Redis gives it back, and the job completes with a clean run's output
+    # then B runs that chunk once (Redis gives it back, or the producer sends it again when A's lease
+    # expires, whichever comes first), and the job completes with a clean run's output
     assert producer.wait(90) == 0, producer.stderr() + fast.log()[-3000:]
-    assert succeeded(fast.log())[taken] == 1, fast.log()[-3000:]
+    assert succeeded_chunks(fast.log())[chunk_of(taken)] >= 1, fast.log()[-3000:]
     assert succeeded(slow.log())[taken] == 0
     assert_same_output(out, reference)
 
@@ -137,7 +140,7 @@ def test_a_warm_shutdown_that_hangs_is_ended_after_the_hard_time_limit_plus_a_gr
     # given a worker A whose shutdown hangs for 60 s once its pool has stopped (injected: CI saw a
     # warm shutdown hang once and it would not reproduce), a normal worker B, and a job under way
     env = worker_env(fault_broker, tiny_bert, delay_s=1.5)
-    env["EMBEDQ_TEST_SHUTDOWN_HANG_S"] = "60"
+    env["FAULT_SHUTDOWN_HANG_S"] = "60"
     hanging = workers.start(env, concurrency=1)
     wait_ready(hanging)
     out = tmp_path / "out.npy"
@@ -188,11 +191,11 @@ def test_a_chunk_that_kills_its_worker_three_times_is_quarantined_and_the_job_na
     tiny_bert: Path,
     tmp_path: Path,
 ) -> None:
-    # given a corpus with one poison text (test-only: a child given it SIGKILLs itself, like an OOM kill)
+    # given a corpus with one poison text (the fault app: a child given it SIGKILLs itself, like an OOM kill)
     texts = list(TEXTS)
     texts[9] = "POISON-PILL " + texts[9]  # row 9 is in chunk 2: rows 8-11
     env = worker_env(fault_broker, tiny_bert, **ROOMY_LIMITS)
-    env["EMBEDQ_TEST_KILL_ON_TEXT"] = "POISON-PILL"
+    env["FAULT_KILL_ON_TEXT"] = "POISON-PILL"
     worker = workers.start(env, concurrency=1)
     out = tmp_path / "out.npy"
 
@@ -208,6 +211,6 @@ def test_a_chunk_that_kills_its_worker_three_times_is_quarantined_and_the_job_na
     # and the rest of the job completed: every other chunk ran exactly once; the poison one never succeeded
     done = succeeded(worker.log())
     assert sorted(chunk_of(task) for task in done) == [0, 1, 2, 3, 4, 5, 6, 7]  # chunk 2: its quarantine
-    assert worker.log().count("exited with 'signal 9 (SIGKILL)'") == 3, worker.log()[-3000:]
+    assert worker.log().count("exited with 'signal 9 (SIGKILL)'") == 3, stderr + worker.log()[-3000:]
     # and the worker itself survived it
     assert worker.process.poll() is None

@@ -18,8 +18,8 @@ from producer.broker import send_chunk, sender_app
 from producer.embedded_redis import free_port
 from tests.conftest import Broker, WorkerFactory, WorkerProcess
 from tests.faults.conftest import wait_ready, worker_env
-from workers.app import EXIT_WORKER_CONFIG
 from workers.keys import Keys
+from workers.startup import EXIT_WORKER_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +52,10 @@ def _assert_failed_fast_and_consumed_nothing(
 def test_a_model_too_big_for_the_memory_stops_the_worker_with_the_numbers(
     fault_broker: Broker, workers: WorkerFactory, tiny_bert: Path
 ) -> None:
-    # given a machine with 1000 MiB available (played through the test-only override) and the default model
+    # given a machine with 1000 MiB available (played by the fault app) and the default model
     job = _queue_a_chunk(fault_broker, tiny_bert)
     env = fault_broker.env(model="")
-    env["EMBEDQ_TEST_AVAILABLE_MEMORY_BYTES"] = str(1000 * 2**20)
+    env["FAULT_AVAILABLE_MEMORY_BYTES"] = str(1000 * 2**20)
     # when a worker with two children starts
     worker = workers.start(env, concurrency=2)
     # then it refuses before forking a child, in one line naming the numbers and what to change
@@ -92,10 +92,10 @@ def test_an_unreachable_hub_stops_the_worker_before_any_child(
 def test_a_model_load_slower_than_the_alive_timeout_stops_the_worker_instead_of_respawning(
     fault_broker: Broker, workers: WorkerFactory, tiny_bert: Path
 ) -> None:
-    # given children that take 3 s to load (test-only delay) and Celery's alive timeout at 1 s, which
+    # given children that take 3 s to load (played by the fault app) and Celery's alive timeout at 1 s, which
     # Celery applies to replacement children (the first ones may take their time)
     env = worker_env(fault_broker, tiny_bert, proc_alive_timeout_s=1.0)
-    env["EMBEDQ_TEST_LOAD_DELAY_S"] = "3"
+    env["FAULT_LOAD_DELAY_S"] = "3"
     worker = workers.start(env, concurrency=1)
     wait_ready(worker)
     # when the child dies (as under the OOM killer) and a chunk waits in the queue

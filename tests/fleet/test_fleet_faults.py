@@ -1,0 +1,156 @@
+"""A fleet of namespaced hosts loses, freezes, partitions and slows one of its machines mid-job.
+
+Every test asserts the output (identical to the clean run), the reason chunks were sent again, and
+that no result key is left in Redis; each leaves the fleet healthy for the next test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import wait_until
+from tests.fleet.conftest import TEXTS, Fleet, JobRun, assert_same_output
+
+pytestmark = pytest.mark.slow
+
+
+def _resent(run: JobRun) -> dict[str, int]:
+    return dict(run.manifest()["resent_by_reason"])  # type: ignore[call-overload]
+
+
+def _wait_holding(fleet: Fleet, host: str, timeout_s: float = 60) -> None:
+    """Until `host` holds a chunk lease: the fault then lands mid-chunk."""
+    assert wait_until(lambda: host in fleet.holders(), timeout_s, 0.05), fleet.log(host)[-2000:]
+
+
+def _wait_no_result_keys(fleet: Fleet, timeout_s: float = 30) -> None:
+    assert wait_until(lambda: not fleet.result_keys(), timeout_s, 0.5), fleet.result_keys()
+
+
+def test_clean_run_matches_the_encoder_in_process(fleet: Fleet, clean_run: JobRun) -> None:
+    # given the fleet's clean output, when the first and the last chunk are embedded in this process
+    from workers.encoder import Encoder
+    from workers.model_info import resolve_model
+
+    encoder = Encoder.load(resolve_model(""), "cpu")
+    head, tail = encoder.encode(TEXTS[:32]).embeddings, encoder.encode(TEXTS[-32:]).embeddings
+    # then they are the same rows, in the same places
+    matrix = clean_run.matrix()
+    assert float(np.min(np.sum(matrix[:32] * head, axis=1))) >= 0.99999
+    assert float(np.min(np.sum(matrix[-32:] * tail, axis=1))) >= 0.99999
+    assert fleet.succeeded("host1") > 0 and fleet.succeeded("host2") > 0  # both hosts served the job
+    assert not fleet.result_keys()
+
+
+def test_a_host_cut_off_mid_job_has_its_chunk_sent_again_within_seconds(fleet: Fleet, clean_run: JobRun) -> None:
+    # given a job under way, with host2 holding a chunk
+    started = time.monotonic()
+    process, out = fleet.start_job("cut")
+    try:
+        _wait_holding(fleet, "host2")
+        # when host2's link is cut (and stays cut until the job is over)
+        fleet.network.cut(fleet.hosts["host2"])
+        run = fleet.finish(process, out, started)
+    finally:
+        fleet.network.heal(fleet.hosts["host2"])
+    # then the job completes on host1 alone, exactly, because host2's chunk was sent again
+    assert_same_output(run, clean_run)
+    assert _resent(run).get("holder_silent", 0) >= 1, run.manifest()
+    assert "went silent" in run.stderr
+    # no timeout was shortened: the lease TTL (10 s) is what the cut cost, not the visibility timeout
+    assert run.wall_s < clean_run.wall_s * 2 + 30, (run.wall_s, clean_run.wall_s)
+    _wait_no_result_keys(fleet)
+    fleet.wait_all_alive()  # host2 comes back by itself once healed
+
+
+def test_a_partitioned_host_healed_after_the_job_serves_the_next_job_and_leaves_no_trace(
+    fleet: Fleet, clean_run: JobRun
+) -> None:
+    # given host2 partitioned mid-job, healed only once the job is over
+    host2 = fleet.hosts["host2"]
+    started = time.monotonic()
+    process, out = fleet.start_job("partition")
+    try:
+        _wait_holding(fleet, "host2")
+        fleet.network.cut(host2)
+        run = fleet.finish(process, out, started)
+    finally:
+        fleet.network.heal(host2)
+    assert_same_output(run, clean_run)
+    assert _resent(run).get("holder_silent", 0) >= 1
+    # when it is healed: it reconnects by itself, its late copy leaves no result key ...
+    fleet.wait_all_alive()
+    _wait_no_result_keys(fleet)
+    # ... and it serves the next job
+    before = fleet.succeeded("host2")
+    again = fleet.run_job("after-partition")
+    assert_same_output(again, clean_run)
+    assert fleet.succeeded("host2") > before, fleet.log("host2")[-3000:]
+    assert not fleet.result_keys()
+
+
+def test_a_frozen_host_thawed_after_the_job_drops_its_late_copy(fleet: Fleet, clean_run: JobRun) -> None:
+    # given a job under way, with host2 holding a chunk
+    host2 = fleet.hosts["host2"]
+    started = time.monotonic()
+    process, out = fleet.start_job("frozen")
+    try:
+        _wait_holding(fleet, "host2")
+        # when every process of host2 is SIGSTOPped, as a frozen VM would be
+        fleet.network.freeze(host2)
+        run = fleet.finish(process, out, started)
+    finally:
+        fleet.network.thaw(host2)
+    # then the job completes exactly, host2's chunk having been sent again ...
+    assert_same_output(run, clean_run)
+    assert _resent(run).get("holder_silent", 0) >= 1
+    # ... and, thawed, host2 finishes its copy and drops it: no result key, nothing in the output changes
+    assert wait_until(lambda: "dropped without storing" in fleet.log("host2"), 60, 0.5), fleet.log("host2")[-3000:]
+    _wait_no_result_keys(fleet)
+    fleet.wait_all_alive()
+    before = fleet.succeeded("host2")
+    again = fleet.run_job("after-thaw")
+    assert_same_output(again, clean_run)
+    assert fleet.succeeded("host2") > before
+
+
+def test_a_slow_host_gets_a_backup_copy_of_its_straggler(fleet: Fleet, clean_run: JobRun) -> None:
+    # given host2 capped at 5% of a core (a busy neighbour) while host1 runs at full speed
+    host2 = fleet.hosts["host2"]
+    fleet.network.throttle(host2, 5)
+    try:
+        # when a job runs
+        run = fleet.run_job("slow")
+    finally:
+        fleet.network.unthrottle(host2)
+    # then host1 finishes host2's chunk as a backup, and the output is exact
+    assert_same_output(run, clean_run)
+    assert _resent(run).get("straggler_backup", 0) >= 1, run.manifest()
+    assert _resent(run).get("holder_silent", 0) == 0  # a slow holder keeps renewing its lease
+    _wait_no_result_keys(fleet)
+    fleet.wait_all_alive()
+
+
+def test_every_host_lost_fails_the_job_naming_the_rows(fleet: Fleet, clean_run: JobRun) -> None:
+    # given a job under way on both hosts
+    started = time.monotonic()
+    process, out = fleet.start_job("all-lost", "--workers-lost-timeout", "10")
+    try:
+        _wait_holding(fleet, "host1")
+        # when both hosts are cut off
+        for host in fleet.hosts.values():
+            fleet.network.cut(host)
+        run = fleet.finish(process, out, started)
+    finally:
+        for host in fleet.hosts.values():
+            fleet.network.heal(host)
+    # then the job fails in one clear line naming the rows, instead of waiting forever
+    assert run.code == 1, run.stderr[-3000:]
+    assert "no live worker" in run.stderr and "rows " in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert not out.exists()
+    fleet.wait_all_alive()
+    _wait_no_result_keys(fleet)
