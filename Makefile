@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
@@ -12,8 +14,11 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# The CPU build of torch first: any other spec would pull a CUDA build of several GB.
-	$(PIP) install -q torch==2.13.0
+	# The CPU build of torch first (on Linux the default index serves a CUDA build of several GB): a CPU
+	# wheel that pip finds without any index (find-links, a wheelhouse) is taken as it is; otherwise it
+	# comes from PyTorch's CPU index, as in ops/Dockerfile.
+	$(PIP) install -q --no-index --no-deps '$(TORCH)+cpu' 2>/dev/null || \
+		$(PIP) install -q '$(TORCH)' --index-url $(TORCH_CPU_INDEX)
 	$(PIP) install -q -e '.[all,test]'
 	touch $(STAMP)
 

@@ -94,7 +94,9 @@ def parse_input(raw: Any, max_inputs: int) -> list[str]:
         if all(isinstance(item, (int, list)) and not isinstance(item, bool) for item in raw):
             raise ApiError(
                 400,
-                "'input' is token ids; embedq tokenizes itself: send the texts as strings",
+                "'input' is token ids; embedq tokenizes itself: send the texts as strings "
+                "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False); "
+                "LlamaIndex: OpenAILikeEmbedding, which sends text, rather than OpenAIEmbedding)",
                 param="input",
                 code="token_arrays_unsupported",
             )

@@ -14,9 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from producer import local_state
 from producer.embedded_redis import EmbeddedRedis, write_private
 from producer.local_cluster import worker_command
 from producer.processes import start_process, stop_process
@@ -89,8 +91,10 @@ class Stack:
         port: int,
         flower_port: int,
         reserved: int = 1,
+        broker_port: int | None = None,
     ) -> None:
         self.settings = settings
+        self.broker_port = broker_port
         self.embedded = embedded
         self.workers = workers
         self.reserved = reserved
@@ -100,16 +104,18 @@ class Stack:
         self.folder = Path(tempfile.mkdtemp(prefix="embedq-up-"))
         self.server: EmbeddedRedis | None = None
         self.services: list[Service] = []
+        #: The 0600 file holding the embedded broker's URL with its password (None with --broker).
+        self.url_file: Path | None = None
 
     def start(self) -> dict[str, str]:
         """Start everything; returns what runs where."""
         broker_url = self.settings.broker_url
         broker_note = ""
         if self.embedded:
-            self.server = EmbeddedRedis(self.folder / "valkey").start()
+            self.server = EmbeddedRedis(self.folder / "valkey", port=self.broker_port).start()
             broker_url = self.server.url
             # The password stays off argv and the terminal: local tools read the URL from a 0600 file.
-            url_file = write_private(self.folder / "broker.url", broker_url + "\n")
+            url_file = self.url_file = write_private(self.folder / "broker.url", broker_url + "\n")
             broker_note = f" (embedded Valkey, password required; the full URL is in {url_file}, readable by you only)"
         settings = self.settings.replace(broker_url=broker_url)
         env = {**os.environ, **settings.to_env(), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
@@ -149,7 +155,8 @@ class Stack:
                     f"{service.last_line()} (log {service.log_path})"
                 )
 
-    def stop(self) -> None:
+    def stop(self, *, keep_logs: bool = False) -> None:
+        """Stop every service; `keep_logs` leaves the folder that an error message points to."""
         # The gateway and Flower first, so that nothing new reaches workers while they finish.
         for service in reversed(self.services):
             stop_process(service.process, timeout_s=10)
@@ -157,25 +164,79 @@ class Stack:
         if self.server is not None:
             self.server.stop()
             self.server = None
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    @property
+    def broker_url(self) -> str:
+        return self.server.url if self.server is not None else self.settings.broker_url
 
 
-def run_up(
-    settings: Settings, *, embedded: bool, workers: int, host: str, port: int, flower_port: int, reserved: int = 1
-) -> int:
-    """Start the stack, print where everything is, and wait for Ctrl-C/SIGTERM (KeyboardInterrupt)."""
+def _health(url: str) -> tuple[int, str]:
+    """Status and body of GET url; (0, reason) while nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own loopback gateway
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+    except OSError as error:
+        return 0, str(error)
+
+
+def wait_ready(stack: Stack, health_url: str, say: Callable[[str], None], every_s: float = 15.0) -> None:
+    """Block until the gateway's /health is 200 (a broker and a worker answer); WorkersFailed if a service dies."""
+    next_note = time.monotonic() + every_s
+    while True:
+        stack.check_alive()
+        status, body = _health(health_url)
+        if status == 200:
+            return
+        if time.monotonic() >= next_note:
+            say(f"still starting: {health_url} answers {status or 'nothing'} {body.strip()[:160]}")
+            next_note = time.monotonic() + every_s
+        time.sleep(0.5)
+
+
+def run_up(stack: Stack) -> int:
+    """Start the stack, say "ready" once the gateway is healthy, and wait for Ctrl-C/SIGTERM (KeyboardInterrupt)."""
     # Ctrl-C must stop the stack even when started from a shell that ignores SIGINT for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stack = Stack(
-        settings, embedded=embedded, workers=workers, host=host, port=port, flower_port=flower_port, reserved=reserved
-    )
+    host, port = stack.host, stack.port
+
+    def say(line: str) -> None:
+        print(f"embedq up: {line}", flush=True)
+
+    announced = None
+    failed = True
     try:
         where = stack.start()
+        if stack.embedded:
+            announced = local_state.announce("up", stack.broker_url, time.time())
+        say(f"starting {where['broker']}, workers, Flower and the gateway; waiting for the gateway's /health")
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        wait_ready(stack, f"http://{local}:{port}/health", say)
+        say("ready")
         for name, place in where.items():
-            print(f"embedq up: {name:<8} {place}", flush=True)
-        print("embedq up: Ctrl-C stops everything", flush=True)
+            say(f"{name:<8} {place}")
+        # Lines to copy, with no password in them: the URL comes from its 0600 file, and a bare `embedq
+        # status` finds this stack by itself (producer/local_state.py).
+        url = f"open({str(stack.url_file)!r}).read().strip()" if stack.url_file else repr(redact(stack.broker_url))
+        say(f"python   EmbedClient({url})  # from producer.client import EmbedClient")
+        say(
+            "status   embedq status"
+            if stack.url_file
+            else f"status   embedq status --broker {redact(stack.broker_url)}"
+        )
+        say("Ctrl-C stops everything")
         while True:
             stack.check_alive()
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        failed = False
+        raise
     finally:
-        stack.stop()
+        local_state.withdraw(announced)
+        stack.stop(keep_logs=failed)

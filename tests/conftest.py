@@ -197,6 +197,9 @@ def run_embedq(
     *args: str, env: dict[str, str] | None = None, timeout: float = 240, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `embedq` command line in a subprocess, as a user would."""
+    if args[:1] == ("embed",) and "--broker" in args and not {"--wait-for-workers", "--no-worker-check"} & set(args):
+        # Tests start workers and the producer together: the producer waits for them, as such a user would ask.
+        args = (*args, "--wait-for-workers", "120")
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")},
         "PYTHONPATH": str(ROOT),

@@ -122,6 +122,8 @@ def load_or_exit(current: Settings) -> None:
         runtime.init_process(current)
     except EmbedqError as error:
         stop_worker(str(error))
+    except Exception as error:  # damaged weights etc.: a child without a model must not look healthy to pings
+        stop_worker(f"model {current.model!r} could not be loaded: {type(error).__name__}: {error}")
 
 
 def stop_worker(message: str) -> None:

@@ -215,6 +215,8 @@ def embed_args(corpus: Path, out: Path, broker_url: str, tiny_bert: Path, *extra
         "--chunk-size",
         str(CHUNK),
         *extra,
+        # Workers may still be starting when the producer is: it waits for them, as such a user would ask.
+        *([] if "--no-worker-check" in extra else ["--wait-for-workers", "120"]),
     ]
 
 

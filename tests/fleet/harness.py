@@ -103,7 +103,8 @@ class Fleet:
         }
         command = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(out), "--broker", self.url]
         process = subprocess.Popen(
-            [*command, "--chunk-size", str(chunk_rows), "--no-progress", *extra],
+            # --wait-for-workers: hosts may still be starting their workers when a job is sent
+            [*command, "--chunk-size", str(chunk_rows), "--no-progress", "--wait-for-workers", "60", *extra],
             env=env,
             text=True,
             stdout=subprocess.PIPE,
