@@ -19,6 +19,7 @@ import pytest
 from producer import exitcodes
 from producer.cli import build_parser
 from producer.embedded_redis import EmbeddedRedis, free_port
+from workers.keys import redact
 
 EMBEDQ = str(Path(sys.executable).parent / "embedq")
 
@@ -171,7 +172,7 @@ def test_a_broker_without_workers_is_named_within_seconds(lone_valkey: EmbeddedR
         "embed", str(corpus), "-o", str(tmp_path / "x.npy"), "--broker", lone_valkey.url, env=user_env(tmp_path)
     )
     # then it says which queue has no consumer, and writes nothing
-    assert_one_line(done, exitcodes.NO_WORKERS, f"no worker consumes queue 'bulk' on {lone_valkey.url}")
+    assert_one_line(done, exitcodes.NO_WORKERS, f"no worker consumes queue 'bulk' on {redact(lone_valkey.url)}")
     assert "--wait-for-workers" in done.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("x.")] == []
 
@@ -270,5 +271,5 @@ def test_status_without_a_broker_says_which_it_asked(tmp_path: Path, lone_valkey
     done = embedq("status", env=env)
     # then it names the broker it asked and why, and that it has no jobs
     assert done.returncode == 0, done.stderr
-    assert f"broker: {lone_valkey.url} (EMBEDQ_BROKER_URL)" in done.stdout
-    assert f"no jobs recorded on {lone_valkey.url} yet" in done.stdout
+    assert f"broker: {redact(lone_valkey.url)} (EMBEDQ_BROKER_URL)" in done.stdout
+    assert f"no jobs recorded on {redact(lone_valkey.url)} yet" in done.stdout
