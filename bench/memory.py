@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.corpus import make_corpus  # noqa: E402
-from producer.embedded_redis import EmbeddedRedis  # noqa: E402
-from producer.processes import start_process, stop_process  # noqa: E402
+from producer.local.embedded_redis import EmbeddedRedis  # noqa: E402
+from producer.local.processes import start_process, stop_process  # noqa: E402
 
 
 def rss_mb(pid: int) -> float | None:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.corpus import read_texts  # noqa: E402
-from workers.model_info import resolve_model  # noqa: E402
+from workers.protocol.model_info import resolve_model  # noqa: E402
 
 METHODS = ("per-doc", "fixed-32", "st", "st-pool", "embedq-inproc-fp32", "embedq-inproc-bf16")
 
@@ -97,8 +97,8 @@ def _st(texts: list[str], processes: int) -> dict[str, Any]:
 
 def _embedq_inproc(texts: list[str], dtype: str) -> dict[str, Any]:
     """The embedq encoder in this process, with the defaults a worker uses: the queue-free baseline."""
-    from workers.config import Settings
     from workers.encoder import Encoder
+    from workers.protocol.config import Settings
 
     info = resolve_model("")
     started = time.perf_counter()

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from bench.corpus import make_corpus, read_texts  # noqa: E402
 from bench.large import WarmWorkers  # noqa: E402
 from bench.measure import BertShape, cosines, matmul_gflops, run_sampled  # noqa: E402
-from workers.model_info import resolve_model  # noqa: E402
+from workers.protocol.model_info import resolve_model  # noqa: E402
 
 MB = 2**20
 
@@ -263,7 +263,7 @@ def main() -> None:
         if args.large:
             large_line = warm.large(args.large)
 
-    from producer.cli import default_workers
+    from producer.cli.main import default_workers
 
     # The machine may be shared: the roofline is the best of a measurement before and one after.
     roofline = {dtype: max(gflops, matmul_gflops(dtype)) if gflops else None for dtype, gflops in roofline.items()}

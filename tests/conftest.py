@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.embedded_redis import EmbeddedRedis
-from producer.local_cluster import worker_command
-from producer.processes import start_process, stop_process
-from workers.config import Settings
-from workers.model_info import default_model_path
+from producer.local.cluster import worker_command
+from producer.local.embedded_redis import EmbeddedRedis
+from producer.local.processes import start_process, stop_process
+from workers.protocol.config import Settings
+from workers.protocol.model_info import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

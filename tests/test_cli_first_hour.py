@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from producer import exitcodes
-from producer.cli import build_parser
-from producer.embedded_redis import EmbeddedRedis, free_port
-from workers.keys import redact
+from producer.cli import exitcodes
+from producer.cli.main import build_parser
+from producer.local.embedded_redis import EmbeddedRedis, free_port
+from workers.protocol.keys import redact
 
 EMBEDQ = str(Path(sys.executable).parent / "embedq")
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import WorkerFactory, _server_params, make_broker, run_embedq, write_texts_jsonl
 from workers.encoder import Encoder
-from workers.model_info import resolve_model
+from workers.protocol.model_info import resolve_model
 
 TEXTS = [f"document number {i} says {'hello ' * (i % 17)}world" for i in range(300)] + ["", "   ", "many words " * 400]
 

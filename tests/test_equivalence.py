@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import ROOT, Broker, WorkerFactory, run_embedq, wait_until
 from workers.encoder import Encoder
-from workers.model_info import default_model_path, resolve_model
+from workers.protocol.model_info import default_model_path, resolve_model
 
 SAMPLE = ROOT / "producer" / "samples" / "sample.jsonl"
 ROWS = 300  # a few hundred real sentences: short and long, punctuation, quotes, numbers

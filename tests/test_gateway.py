@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import Broker
 from tests.serving import Fleet, http
 from workers.encoder import Encoder
-from workers.model_info import resolve_model
+from workers.protocol.model_info import resolve_model
 
 API_KEY = "test-key-123"
 TEXTS = ["The cat sat on the mat.", "Embeddings for web apps", "", "naïve café ünïcode ✓"]

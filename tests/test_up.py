@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from producer.embedded_redis import free_port
+from producer.local.embedded_redis import free_port
 from tests.conftest import run_embedq, wait_until
 from tests.serving import UpStack, embedq_up, responds
 from tests.test_cli_first_hour import user_env
-from workers.keys import redact
+from workers.protocol.keys import redact
 
 
 def chromium() -> str | None:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from workers.batching import pack_by_tokens
-from workers.errors import ConfigError, InputError, ModelError
-from workers.model_info import ModelInfo
+from workers.protocol.errors import ConfigError, InputError, ModelError
+from workers.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
 

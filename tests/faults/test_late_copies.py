@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.broker import send_chunk, sender_app
+from producer.job.broker import send_chunk, sender_app
 from tests.conftest import Broker, WorkerFactory, wait_until
 from tests.faults.conftest import ProducerFactory, assert_same_output, deliveries, wait_ready, worker_env
 

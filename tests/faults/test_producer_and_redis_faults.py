@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import Broker, WorkerFactory, run_embedq, wait_until
 from tests.faults.conftest import (
     ProducerFactory,

@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.embedded_redis import valkey_binary
-from producer.processes import start_process, stop_process
+from producer.local.embedded_redis import valkey_binary
+from producer.local.processes import start_process, stop_process
 
 SUBNET = "198.18.0"
 BRIDGE_ADDRESS = f"{SUBNET}.254"

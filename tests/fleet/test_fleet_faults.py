@@ -57,7 +57,7 @@ def _wait_no_result_keys(fleet: Fleet, timeout_s: float = 30) -> None:
 def test_clean_run_matches_the_encoder_in_process(fleet: Fleet, clean_run: JobRun) -> None:
     # given the fleet's clean output, when the first and the last chunk are embedded in this process
     from workers.encoder import Encoder
-    from workers.model_info import resolve_model
+    from workers.protocol.model_info import resolve_model
 
     encoder = Encoder.load(resolve_model(""), "cpu")
     head, tail = encoder.encode(TEXTS[:32]).embeddings, encoder.encode(TEXTS[-32:]).embeddings
