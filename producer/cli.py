@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from producer import exitcodes
-from workers.config import DTYPES, Settings
+from workers.config import DTYPES, RUNTIMES, Settings
 from workers.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -59,6 +59,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="fp32 (exact, default), bf16/fp16 autocast, or auto (bf16 where the hardware has it)",
     )
     parser.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward batch")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="inference runtime of the workers this command starts (default auto: the fastest exact one on CPU)",
+    )
 
 
 def _settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
@@ -69,6 +75,7 @@ def _settings_from(args: argparse.Namespace, environ: dict[str, str] | None = No
         ("model", "model"),
         ("dtype", "dtype"),
         ("batch_tokens", "batch_tokens"),
+        ("runtime", "runtime"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -233,7 +240,7 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
     line = (
         f"worker: pool {pool}{' (' + chosen.pool_start_method + ')' if pool == 'prefork' else ''}, "
         f"{concurrency} {'threads' if pool == 'threads' else 'children'} x {threads} torch threads, "
-        f"dtype {chosen.dtype}, broker {chosen.broker_url.split('@')[-1]}"
+        f"dtype {chosen.dtype}, runtime {chosen.runtime}, broker {chosen.broker_url.split('@')[-1]}"
     )
     return command, env, line
 
