@@ -88,7 +88,7 @@ def _st(texts: list[str], processes: int, backend: str = "torch") -> dict[str, A
 
     info = resolve_model("")
     started = time.perf_counter()
-    model = SentenceTransformer(info.path, device="cpu", backend=backend)
+    model = SentenceTransformer(str(info.path), device="cpu", backend=backend)
     model.encode(texts[:32], batch_size=32)  # warm-up
     pool = model.start_multi_process_pool(["cpu"] * processes) if processes > 1 else None
     load_s = time.perf_counter() - started
@@ -104,8 +104,10 @@ def _st(texts: list[str], processes: int, backend: str = "torch") -> dict[str, A
             model.stop_multi_process_pool(pool)
     dtype = "fp32"
     if backend == "openvino":
-        dtype = str(model[0].auto_model.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
-        dtype = {"f32": "fp32", "bf16": "bf16"}.get(dtype, dtype)
+        request = model[0].auto_model.request  # a CompiledModel or an InferRequest, by optimum-intel version
+        compiled = request.get_compiled_model() if hasattr(request, "get_compiled_model") else request
+        dtype = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        dtype = {"f32": "fp32", "<Type: 'float32'>": "fp32", "<Type: 'bfloat16'>": "bf16"}.get(dtype, dtype)
     return {"embeddings": np.asarray(out, dtype=np.float32), "seconds": seconds, "load_s": load_s, "dtype": dtype}
 
 
