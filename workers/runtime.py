@@ -123,6 +123,7 @@ def init_process(settings: Settings) -> WorkerContext:
             threads=threads,
             cache_dir=settings.cache_dir,
         )
+        encoder.warm_up(settings.batch_tokens, settings.dtype)
         load_s = time.monotonic() - started
         coordination = connect(settings.broker_url)
         _context = WorkerContext(settings, model, encoder, coordination, Keys(settings.key_prefix), load_s, threads)

@@ -145,6 +145,16 @@ class Encoder:
         assert isinstance(backend, TorchBackend)
         return backend.model
 
+    def warm_up(self, batch_tokens: int, dtype: str) -> None:
+        """Run the largest batch the budget allows once (longest rows, most attention), so that the runtime's
+        buffers reach their high-water mark now: a long job's RSS then stays flat instead of stepping up
+        whenever a longer batch first comes along (measured: +19 MB per 100 chunks without, OpenVINO fp32)."""
+        chosen_dtype = resolve_dtype(dtype, self.device)
+        longest = max(2, min(self.info.max_length, batch_tokens))
+        rows = max(1, batch_tokens // longest)
+        input_ids = np.full((rows, longest), self.pad_id, dtype=np.int64)
+        self.backend(chosen_dtype).embed(input_ids, np.ones_like(input_ids), "mean", chosen_dtype)
+
     def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
         """Token ids per text (truncated to `max_length`) and how many texts were truncated."""
         for index, text in enumerate(texts):
