@@ -17,7 +17,7 @@ from workers.errors import ConfigError
 
 PREFIX = "EMBEDQ_"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-#: Inference runtimes (workers/encoder/backend.py); auto = the fastest exact one installed on CPU, torch on CUDA.
+#: Inference runtimes (workers/encoder/backend.py); auto = the fastest one that is exact enough on CPU, torch on CUDA.
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 POOLINGS = ("auto", "cls", "mean", "max")
 QUEUES = ("interactive", "bulk")
