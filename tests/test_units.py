@@ -11,7 +11,7 @@ import pytest
 
 from producer.job.output import HEADER_BYTES, ChunkRecord, PartialOutput, npy_header
 from producer.job.readers import Record, Rejected, read_csv, read_jsonl, read_records, read_txt
-from workers.batching import pack_by_tokens, padded_tokens
+from workers.encoder.batching import pack_by_tokens, padded_tokens
 from workers.protocol.config import Settings
 from workers.protocol.errors import ConfigError, InputError, ModelError
 from workers.protocol.model_info import DEFAULT_MODEL_NAME, resolve_model

@@ -132,7 +132,16 @@ def init_process(settings: Settings) -> WorkerContext:
         threads = threads_per_child(settings)
         configure_threads(threads)
         model = resolve_model(settings.model)
-        encoder = Encoder.load(model, settings.device)
+        # Any runtime's thread pool (OpenMP, TBB, ONNX Runtime's) is created here, in the child, never before fork.
+        encoder = Encoder.load(
+            model,
+            settings.device,
+            runtime=settings.runtime,
+            dtype=settings.dtype,
+            threads=threads,
+            cache_dir=settings.cache_dir,
+        )
+        encoder.warm_up(settings.batch_tokens, settings.dtype)
         load_s = time.monotonic() - started
         coordination = connect(settings.broker_url, **worker_socket_options(settings))
         _context = WorkerContext(settings, model, encoder, coordination, Keys(settings.key_prefix), load_s, threads)
@@ -144,9 +153,10 @@ def init_process(settings: Settings) -> WorkerContext:
             model_registry.announce(pipe, _context.keys, model)
             pipe.execute()
         log.warning(
-            "embedq child %d ready: %s, %d torch threads, loaded in %.1f s (%s)",
+            "embedq child %d ready: %s, runtime %s, %d threads, loaded in %.1f s (%s)",
             os.getpid(),
             model.name,
+            encoder.runtime_name,
             threads,
             load_s,
             "imports inherited from the worker process" if inherited else "imported here",

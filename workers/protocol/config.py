@@ -20,6 +20,8 @@ __all__ = ["DTYPES", "POOLINGS", "QUEUES", "TASK_EMBED_CHUNK", "Settings", "cele
 
 PREFIX = "EMBEDQ_"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: Inference runtimes (workers/encoder/backend.py); auto = the fastest one that is exact enough on CPU, torch on CUDA.
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 POOLINGS = ("auto", "cls", "mean", "max")
 TASK_EMBED_CHUNK = "embedq.embed_chunk"
 TASK_PING = "embedq.ping"
@@ -51,6 +53,10 @@ class Settings:
     model: str = ""
     device: str = "auto"
     dtype: str = "fp32"
+    #: Which runtime runs the forward pass: auto, torch, openvino or onnxruntime.
+    runtime: str = "auto"
+    #: Where models converted for OpenVINO / ONNX Runtime are kept; empty means $XDG_CACHE_HOME/embedq.
+    cache_dir: str = ""
     batch_tokens: int = 2048
     #: Pool children per worker; None lets embedq pick from the cores.
     concurrency: int | None = None
@@ -98,6 +104,13 @@ class Settings:
             raise ConfigError(f"EMBEDQ_DTYPE={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"EMBEDQ_DEVICE={self.device!r}: choose auto, cpu, cuda or cuda:N")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"EMBEDQ_RUNTIME={self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        if self.runtime not in ("auto", "torch") and self.device.startswith("cuda"):
+            raise ConfigError(
+                f"EMBEDQ_RUNTIME={self.runtime} runs on CPU only, but EMBEDQ_DEVICE={self.device}: "
+                "use EMBEDQ_RUNTIME=torch or auto on CUDA"
+            )
         if self.batch_tokens < 16:
             raise ConfigError(f"EMBEDQ_BATCH_TOKENS={self.batch_tokens}: must be at least 16")
         if self.concurrency is not None and self.concurrency < 1:
