@@ -2,7 +2,7 @@
 
     POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64"}
     GET  /v1/models       the model the workers serve
-    GET  /health          200 when the broker answers and at least one worker replies to a ping
+    GET  /health          200 when the broker answers, a worker replies to a ping and one has loaded its model
     GET  /metrics         Prometheus: embedq's fleet counters and the gateway's own request timings
 
 Requests go to the `interactive` lane through `AsyncEmbedClient`, so a view never blocks the event
@@ -315,6 +315,13 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
                 status_code=503,
             )
         replies = await asyncio.to_thread(_ping_workers, client, opts.ping_timeout_s)
+        # A worker's main process answers pings while its children are still loading (or failing to load)
+        # the model; a child records its model only once loaded (workers/protocol/model_registry.py).
+        if replies and not await client.redis.hlen(client.keys.models()):
+            return JSONResponse(
+                {"status": "unavailable", "broker": "ok", "reason": "no worker has loaded its model yet"},
+                status_code=503,
+            )
         if not replies:
             return JSONResponse(
                 {
