@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from tests.conftest import ROOT, wait_until
 from tests.fleet.conftest import assert_same_output
 from tests.fleet.harness import TEXTS, Fleet, JobRun
+from tests.fleet.netns import Host
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,21 @@ def _resent_for_lost_holder(run: JobRun) -> int:
 def _wait_holding(fleet: Fleet, host: str, timeout_s: float = 60) -> None:
     """Until `host` holds a chunk lease: the fault then lands mid-chunk."""
     assert wait_until(lambda: host in fleet.holders(), timeout_s, 0.05), fleet.log(host)[-2000:]
+
+
+def _job_with_host2_faulted(
+    fleet: Fleet, name: str, fault: Callable[[Host], None], undo: Callable[[Host], None]
+) -> JobRun:
+    """A job during which host2 suffers `fault` while it holds a chunk, undone only once the job is over."""
+    host2 = fleet.hosts["host2"]
+    started = time.monotonic()
+    process, out = fleet.start_job(name)
+    try:
+        _wait_holding(fleet, "host2")
+        fault(host2)
+        return fleet.finish(process, out, started)
+    finally:
+        undo(host2)
 
 
 def _status_of_newest_job(fleet: Fleet) -> str:
@@ -100,15 +117,7 @@ def test_a_partitioned_host_healed_after_the_job_serves_the_next_job_and_leaves_
     fleet: Fleet, clean_run: JobRun
 ) -> None:
     # given host2 partitioned mid-job, healed only once the job is over
-    host2 = fleet.hosts["host2"]
-    started = time.monotonic()
-    process, out = fleet.start_job("partition")
-    try:
-        _wait_holding(fleet, "host2")
-        fleet.network.cut(host2)
-        run = fleet.finish(process, out, started)
-    finally:
-        fleet.network.heal(host2)
+    run = _job_with_host2_faulted(fleet, "partition", fleet.network.cut, fleet.network.heal)
     assert_same_output(run, clean_run)
     assert _resent_for_lost_holder(run) >= 1, run.manifest()
     # when it is healed: it reconnects by itself, its late copy leaves no result key ...
@@ -123,17 +132,9 @@ def test_a_partitioned_host_healed_after_the_job_serves_the_next_job_and_leaves_
 
 
 def test_a_frozen_host_thawed_after_the_job_drops_its_late_copy(fleet: Fleet, clean_run: JobRun) -> None:
-    # given a job under way, with host2 holding a chunk
-    host2 = fleet.hosts["host2"]
-    started = time.monotonic()
-    process, out = fleet.start_job("frozen")
-    try:
-        _wait_holding(fleet, "host2")
-        # when every process of host2 is SIGSTOPped, as a frozen VM would be
-        fleet.network.freeze(host2)
-        run = fleet.finish(process, out, started)
-    finally:
-        fleet.network.thaw(host2)
+    # given a job under way, when every process of host2 is SIGSTOPped while it holds a chunk (a frozen
+    # VM), and SIGCONTed once the job is over
+    run = _job_with_host2_faulted(fleet, "frozen", fleet.network.freeze, fleet.network.thaw)
     # then the job completes exactly, host2's chunk having been sent again ...
     assert_same_output(run, clean_run)
     assert _resent_for_lost_holder(run) >= 1, run.manifest()
