@@ -1,0 +1,79 @@
+"""The whole `embedq embed` command against the same encoder in one process, measured in one run.
+
+    python bench/command_vs_encoder.py [--docs 6000] [--dtype fp32] [--repeat 1] [-- EXTRA EMBED FLAGS]
+
+In-process: bench/methods.py embedq-inproc-<dtype> in its own process (model load excluded: the
+queue-free ceiling). Command: `embedq embed CORPUS -o OUT.npy` as a user runs it, embedded default
+(no --broker), timed from exec to exit, so Valkey, the workers' start and the model load are
+included. The ratio command / in-process is the share of the encoder's speed the command keeps.
+With --repeat N both are run N times, alternating, and the medians are compared (a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.corpus import make_corpus  # noqa: E402
+
+
+def in_process(corpus: Path, dtype: str, folder: Path) -> float:
+    """docs/s of the encoder alone, in a fresh process with every core."""
+    out = folder / "inproc"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "methods.py"), f"embedq-inproc-{dtype}", str(corpus), str(out)],
+        check=True,
+    )
+    result = json.loads(out.with_suffix(".json").read_text())
+    return float(result["rows"]) / float(result["seconds"])
+
+
+def command(corpus: Path, dtype: str, folder: Path, extra: list[str], docs: int) -> tuple[float, str]:
+    """docs/s of the whole command, cold start included, and its summary line."""
+    out = folder / "command.npy"
+    for stale in folder.glob("command.npy*"):
+        stale.unlink()
+    argv = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(out), "--dtype", dtype, *extra]
+    started = time.perf_counter()
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    return docs / wall, done.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=6000)
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
+    parser.add_argument("extra", nargs="*", help="extra `embedq embed` flags, after --")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    corpus = make_corpus(args.cache, args.docs)
+    inproc: list[float] = []
+    whole: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp:
+        folder = Path(tmp)
+        for n in range(args.repeat):
+            inproc.append(in_process(corpus, args.dtype, folder))
+            rate, summary = command(corpus, args.dtype, folder, args.extra, args.docs)
+            whole.append(rate)
+            print(f"run {n + 1}: in-process {inproc[-1]:.1f} docs/s, command {rate:.1f} docs/s ({summary})")
+    a, b = statistics.median(inproc), statistics.median(whole)
+    print(f"in-process encoder ({args.dtype}, load excluded): {a:.1f} docs/s")
+    print(f"whole `embedq embed` (cold start included):      {b:.1f} docs/s")
+    print(f"ratio command / in-process:                      {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
