@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=6000)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedq-bench-corpus")
     parser.add_argument("extra", nargs="*", help="extra `embedq embed` flags, after --")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from producer import exitcodes
+from producer.chunk_plan import MIN_TAIL_ROWS
 from workers import extras
 from workers.config import DTYPES, Settings
 from workers.errors import (
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     # 512 (measured, README "Performance"): packs short texts to ~1.04x padding (256: 1.06x), its few Redis
     # round trips cost milliseconds against seconds of compute, and 2 workers still get 3 chunks each of 3,000 texts.
     embed.add_argument("--chunk-size", type=int, default=512, help="documents per task")
+    embed.add_argument(
+        "--min-chunk-size",
+        type=int,
+        default=MIN_TAIL_ROWS,
+        help="smallest of the chunks that shrink near the end so the workers finish together (default: %(default)s)",
+    )
     embed.add_argument("--max-in-flight", type=int, default=None, help="chunks sent but not yet collected")
     embed.add_argument("--pooling", choices=("auto", "cls", "mean", "max"), default="auto")
     embed.add_argument("--max-length", type=int, default=None, help="tokens per text before truncation")
@@ -159,6 +166,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         settings = settings.replace(pool_start_method=args.start_method)
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size {args.chunk_size}: must be at least 1")
+    if args.min_chunk_size < 1:
+        raise ConfigError(f"--min-chunk-size {args.min_chunk_size}: must be at least 1")
     try:
         kind = output_kind(args.output)
     except ValueError as error:
@@ -184,6 +193,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         results=args.results,
         chunk_rows=args.chunk_size,
         max_in_flight=args.max_in_flight or max(4, 2 * workers + 2),
+        # Two tail chunks per child: the last ones shrink so that the children end together (chunk_plan.py).
+        tail_split=2 * workers,
+        min_chunk_rows=args.min_chunk_size,
         text_field=args.text_field,
         id_field=args.id_field,
         input_format=args.input_format,
