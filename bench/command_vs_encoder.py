@@ -56,12 +56,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedq-bench-corpus")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="another command variant in the same run, as its extra flags in one string (e.g. '--min-chunk-size 512')",
+    )
     parser.add_argument("extra", nargs="*", help="extra `embedq embed` flags, after --")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     corpus = make_corpus(args.cache, args.docs)
     inproc: list[float] = []
     whole: list[float] = []
+    variants: dict[str, list[float]] = {flags: [] for flags in args.also}
     with tempfile.TemporaryDirectory(prefix="embedq-bench-") as tmp:
         folder = Path(tmp)
         for n in range(args.repeat):
@@ -69,10 +76,16 @@ def main() -> None:
             rate, summary = command(corpus, args.dtype, folder, args.extra, args.docs)
             whole.append(rate)
             print(f"run {n + 1}: in-process {inproc[-1]:.1f} docs/s, command {rate:.1f} docs/s ({summary})")
+            for flags, rates in variants.items():
+                rate, summary = command(corpus, args.dtype, folder, flags.split(), args.docs)
+                rates.append(rate)
+                print(f"run {n + 1}: command {flags} {rate:.1f} docs/s ({summary})")
     a, b = statistics.median(inproc), statistics.median(whole)
     print(f"in-process encoder ({args.dtype}, load excluded): {a:.1f} docs/s")
     print(f"whole `embedq embed` (cold start included):      {b:.1f} docs/s")
     print(f"ratio command / in-process:                      {b / a:.3f}")
+    for flags, rates in variants.items():
+        print(f"ratio with {flags}: {statistics.median(rates) / a:.3f}")
 
 
 if __name__ == "__main__":

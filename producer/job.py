@@ -305,6 +305,8 @@ class Job:
                     started=time.time(),
                     total_hint=self.total_hint or 0,
                     chunk_rows=self.options.chunk_rows,
+                    tail_split=self.options.tail_split,
+                    min_chunk_rows=self.options.min_chunk_rows,
                 ).to_hash(),
             )
         )

@@ -6,6 +6,8 @@ import pytest
 
 from producer.chunk_plan import ChunkPlan
 from producer.dispatcher import SPECULATION_MULTIPLIER, straggler_threshold_s
+from producer.job_record import RUNNING, JobRecord
+from producer.status import job_status
 
 
 def test_chunks_are_full_until_the_tail_then_shrink_and_cover_every_row_once() -> None:
@@ -55,3 +57,12 @@ def test_a_tail_chunk_is_a_straggler_only_against_the_time_of_its_own_size() -> 
     assert straggler_threshold_s(full) > full
     assert straggler_threshold_s(full) == pytest.approx(SPECULATION_MULTIPLIER * full)
     assert straggler_threshold_s(tail) < full  # a tail chunk running as long as a full one is late
+
+
+def test_status_of_a_running_job_counts_the_chunks_of_its_plan() -> None:
+    record = JobRecord(
+        "in.jsonl", "out.npy", "tiny", RUNNING, 1000.0, 6000, 512, done_chunks=8, tail_split=4, min_chunk_rows=64
+    )
+    status = job_status("j", record, now=1010.0)
+    assert status.total_chunks == len(list(ChunkPlan(512, 6000, 4, 64).sizes())) == 19
+    assert status.docs_done == 8 * 512
