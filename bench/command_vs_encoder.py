@@ -47,7 +47,10 @@ def command(corpus: Path, dtype: str, folder: Path, extra: list[str], docs: int)
     started = time.perf_counter()
     done = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
-    return docs / wall, done.stdout.strip().splitlines()[-1]
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    # Chunks cut and copies sent again (a straggler backup here would be the tail rule misfiring).
+    extra_line = f"{manifest['chunks']} chunks, resent {manifest['resent_by_reason'] or 'none'}"
+    return docs / wall, f"{done.stdout.strip().splitlines()[-1].split(' -> ')[0]}; {extra_line}"
 
 
 def main() -> None:
