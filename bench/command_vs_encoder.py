@@ -63,7 +63,7 @@ def main() -> None:
         "--also",
         action="append",
         default=[],
-        help="another command variant in the same run, as its extra flags in one string (e.g. '--min-chunk-size 512')",
+        help="another command variant in the same run, as its extra flags in one string (e.g. '--tail-chunks 4')",
     )
     parser.add_argument("extra", nargs="*", help="extra `embedq embed` flags, after --")
     args = parser.parse_args()

@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     # 512 (measured, README "Performance"): packs short texts to ~1.04x padding (256: 1.06x), its few Redis
     # round trips cost milliseconds against seconds of compute, and 2 workers still get 3 chunks each of 3,000 texts.
     embed.add_argument("--chunk-size", type=int, default=512, help="documents per task")
+    # 0 (measured, bench/command_vs_encoder.py: full 512-row chunks ran 1.27-1.28x the in-process encoder,
+    # shrinking ones split 4 ways 0.95-1.23x in the same runs on a busy 2-core machine).
+    embed.add_argument(
+        "--tail-chunks",
+        type=int,
+        default=0,
+        help="near the end, cut what is left into this many shrinking chunks (guided self-scheduling; try 2 x "
+        "workers); 0 keeps every chunk full (default)",
+    )
     embed.add_argument(
         "--min-chunk-size",
         type=int,
@@ -166,6 +175,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         settings = settings.replace(pool_start_method=args.start_method)
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size {args.chunk_size}: must be at least 1")
+    if args.tail_chunks < 0:
+        raise ConfigError(f"--tail-chunks {args.tail_chunks}: must be 0 or more")
     if args.min_chunk_size < 1:
         raise ConfigError(f"--min-chunk-size {args.min_chunk_size}: must be at least 1")
     try:
@@ -193,8 +204,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         results=args.results,
         chunk_rows=args.chunk_size,
         max_in_flight=args.max_in_flight or max(4, 2 * workers + 2),
-        # Two tail chunks per child: the last ones shrink so that the children end together (chunk_plan.py).
-        tail_split=2 * workers,
+        tail_split=args.tail_chunks,
         min_chunk_rows=args.min_chunk_size,
         text_field=args.text_field,
         id_field=args.id_field,

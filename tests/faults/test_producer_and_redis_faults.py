@@ -38,7 +38,7 @@ def _finished_chunks(out: Path) -> set[int]:
 
 
 #: Chunks of 8 that shrink at the tail (8, 6, 5, 4, 3, 2, 1, 1, 1, 1 for 32 texts): a rerun cuts the same ones.
-SHRINKING = ("--chunk-size", "8", "--min-chunk-size", "1", "--workers", "2")
+SHRINKING = ("--chunk-size", "8", "--min-chunk-size", "1", "--tail-chunks", "4")
 
 
 @pytest.mark.timeout(90)
