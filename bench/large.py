@@ -19,8 +19,8 @@ import redis
 
 from bench.corpus import make_corpus
 from bench.measure import PeakSampler, Timed, run_sampled
-from producer.embedded_redis import EmbeddedRedis
-from producer.processes import start_process, stop_process
+from producer.local.embedded_redis import EmbeddedRedis
+from producer.local.processes import start_process, stop_process
 
 MB = 2**20
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from producer.broker import send_chunk, sender_app  # noqa: E402
-from producer.client import EmbedClient  # noqa: E402
-from producer.local_cluster import LocalCluster, start_process  # noqa: E402
-from producer.metrics import queue_depth  # noqa: E402
-from producer.up import interactive_worker  # noqa: E402
-from workers.config import Settings  # noqa: E402
-from workers.keys import Keys, connect  # noqa: E402
-from workers.model_info import resolve_model  # noqa: E402
+from producer.job.broker import send_chunk, sender_app  # noqa: E402
+from producer.local.cluster import LocalCluster, start_process  # noqa: E402
+from producer.local.up import interactive_worker  # noqa: E402
+from producer.serve.client import EmbedClient  # noqa: E402
+from producer.serve.metrics import queue_depth  # noqa: E402
+from workers.protocol.config import Settings  # noqa: E402
+from workers.protocol.keys import Keys, connect  # noqa: E402
+from workers.protocol.model_info import resolve_model  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

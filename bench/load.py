@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.embedded_redis import free_port  # noqa: E402
-from producer.processes import start_process, stop_process  # noqa: E402
+from producer.local.embedded_redis import free_port  # noqa: E402
+from producer.local.processes import start_process, stop_process  # noqa: E402
 
 
 def healthy(base: str) -> bool:

@@ -1,12 +1,15 @@
 """Worker memory over a long job: RSS of every pool child, sampled while N chunks of real text run.
 
-    .venv/bin/python bench/memory.py [--chunks 150] [--chunk-size 512] [--dtype bf16] [--env NAME=VALUE ...]
+    .venv/bin/python bench/memory.py [--chunks 300] [--chunk-size 64] [--dtype bf16] [--runtime auto]
+                                     [--env NAME=VALUE ...]
 
 Starts its own Valkey and one `embedq worker` (default children and threads; `--env` adds variables to
 the worker's environment, e.g. `--env EMBEDQ_MAX_CHILD_MEMORY_MB=0` or `--env MALLOC_ARENA_MAX=2`),
 runs `embedq embed --broker` on chunks x chunk-size fortunes, and prints one line per sample (seconds,
 chunks done, RSS MB of each child) and a summary: RSS after the first chunk, at the end and at most,
-per child, docs/s, and how many models were loaded (more than the children means a child was recycled).
+per child, docs/s, and how many models were loaded (more than the children means a child was recycled);
+then the curve: each child's RSS every `--every` chunks after warm-up, and the slope of a straight line
+fitted through it, in MB per 100 chunks of that child's own (its share of the chunks done).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.corpus import make_corpus  # noqa: E402
-from producer.embedded_redis import EmbeddedRedis  # noqa: E402
-from producer.processes import start_process, stop_process  # noqa: E402
+from producer.local.embedded_redis import EmbeddedRedis  # noqa: E402
+from producer.local.processes import start_process, stop_process  # noqa: E402
 
 
 def rss_mb(pid: int) -> float | None:
@@ -73,9 +76,12 @@ class Sampler(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunks", type=int, default=150)
-    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=300)
+    parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--runtime", default="auto", help="EMBEDQ_RUNTIME of the worker")
+    parser.add_argument("--warmup", type=int, default=20, help="chunks done before the curve starts")
+    parser.add_argument("--every", type=int, default=25, help="chunks between two points of the printed curve")
     parser.add_argument("--concurrency", type=int, default=None, help="pool children (default: one per core)")
     parser.add_argument("--interval-s", type=float, default=5.0)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra worker variable")
@@ -86,7 +92,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="memory-", dir=args.cache))
     env = {k: v for k, v in os.environ.items() if k != "EMBEDQ_BROKER_URL"}
     env |= {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    env |= dict(item.split("=", 1) for item in args.env)
+    env |= {"EMBEDQ_RUNTIME": args.runtime} | dict(item.split("=", 1) for item in args.env)
     server = EmbeddedRedis(work / "valkey").start()
     worker = None
     try:
@@ -97,7 +103,10 @@ def main() -> None:
         worker = start_process(argv, env=env, log_path=work / "worker.log")
         embed = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(work / "out.npy")]
         embed += ["--broker", server.url, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size), "--no-progress"]
-        print(f"memory: {args.chunks} chunks x {args.chunk_size} fortunes, {args.dtype}, worker env {args.env}")
+        print(
+            f"memory: {args.chunks} chunks x {args.chunk_size} fortunes, {args.dtype}, runtime {args.runtime}, "
+            f"worker env {args.env}"
+        )
         sampler = Sampler(worker.pid, client, args.interval_s)
         sampler.start()
         started = time.monotonic()
@@ -112,6 +121,7 @@ def main() -> None:
             args.chunks * args.chunk_size / wall_s,
             int(client.hget("embedq:stats", "model_loads") or 0),
         )
+        curve(sampler.samples, args.warmup, args.every)
     finally:
         if worker is not None:
             stop_process(worker)
@@ -129,6 +139,28 @@ def summarise(samples: list[tuple[float, int, dict[int, float]]], docs_s: float,
             f"child {pid}: after first chunk {warm:,.0f} MB, at end {seen[-1][1]:,.0f} MB, "
             f"peak {max(size for _, size in seen):,.0f} MB over {seen[-1][0]} chunks done in all"
         )
+
+
+def curve(samples: list[tuple[float, int, dict[int, float]]], warmup: int, every: int) -> None:
+    """Per child: RSS at every `every` chunks done after `warmup`, and the fitted MB per 100 of its own chunks."""
+    import numpy as np
+
+    pids = sorted({pid for _, _, sizes in samples for pid in sizes})
+    share = max(1, len(pids))
+    print(f"\ncurve after {warmup} chunks (x = chunks done by all children; slope per 100 chunks of the child's own):")
+    for pid in pids:
+        points = [(done, sizes[pid]) for _, done, sizes in samples if pid in sizes and done >= warmup]
+        if len(points) < 2:
+            print(f"child {pid}: too few samples after warm-up")
+            continue
+        shown, next_mark = [], warmup
+        for done, size in points:
+            if done >= next_mark:
+                shown.append(f"{done}:{size:,.0f}")
+                next_mark = done + every
+        xs = np.array([done for done, _ in points], dtype=float) / share
+        slope = float(np.polyfit(xs, [size for _, size in points], 1)[0]) * 100 if np.ptp(xs) else 0.0
+        print(f"child {pid}: RSS MB at chunks {'  '.join(shown)}  ->  {slope:+.1f} MB per 100 chunks")
 
 
 if __name__ == "__main__":

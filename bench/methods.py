@@ -25,9 +25,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.corpus import read_texts  # noqa: E402
-from workers.model_info import resolve_model  # noqa: E402
+from workers.protocol.model_info import resolve_model  # noqa: E402
 
-METHODS = ("per-doc", "fixed-32", "st", "st-pool", "embedq-inproc-fp32", "embedq-inproc-bf16")
+#: embedq in process, per kept runtime and dtype: `embedq-RUNTIME-DTYPE`.
+EMBEDQ_METHODS = (
+    "embedq-torch-fp32",
+    "embedq-torch-bf16",
+    "embedq-openvino-fp32",
+    "embedq-openvino-bf16",
+    "embedq-onnxruntime-fp32",
+)
+METHODS = ("per-doc", "fixed-32", "st", "st-pool", "st-onnx", "st-openvino", *EMBEDQ_METHODS)
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,12 +81,14 @@ def _hf_batches(texts: list[str], batch: int, max_length: int) -> dict[str, Any]
     }
 
 
-def _st(texts: list[str], processes: int) -> dict[str, Any]:
+def _st(texts: list[str], processes: int, backend: str = "torch") -> dict[str, Any]:
+    """sentence-transformers as its users run it: load, `encode` with batch 32 (its ONNX/OpenVINO backends
+    export the folder on load, through optimum; OpenVINO then runs its default precision, bf16 on CPUs with it)."""
     from sentence_transformers import SentenceTransformer
 
     info = resolve_model("")
     started = time.perf_counter()
-    model = SentenceTransformer(info.path, device="cpu")
+    model = SentenceTransformer(str(info.path), device="cpu", backend=backend)
     model.encode(texts[:32], batch_size=32)  # warm-up
     pool = model.start_multi_process_pool(["cpu"] * processes) if processes > 1 else None
     load_s = time.perf_counter() - started
@@ -92,17 +102,25 @@ def _st(texts: list[str], processes: int) -> dict[str, Any]:
     finally:
         if pool is not None:
             model.stop_multi_process_pool(pool)
-    return {"embeddings": np.asarray(out, dtype=np.float32), "seconds": seconds, "load_s": load_s, "dtype": "fp32"}
+    dtype = "fp32"
+    if backend == "openvino":
+        request = model[0].auto_model.request  # a CompiledModel or an InferRequest, by optimum-intel version
+        compiled = request.get_compiled_model() if hasattr(request, "get_compiled_model") else request
+        dtype = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        dtype = {"f32": "fp32", "<Type: 'float32'>": "fp32", "<Type: 'bfloat16'>": "bf16"}.get(dtype, dtype)
+    return {"embeddings": np.asarray(out, dtype=np.float32), "seconds": seconds, "load_s": load_s, "dtype": dtype}
 
 
-def _embedq_inproc(texts: list[str], dtype: str) -> dict[str, Any]:
-    """The embedq encoder in this process, with the defaults a worker uses: the queue-free baseline."""
-    from workers.config import Settings
+def _embedq_inproc(texts: list[str], runtime: str, dtype: str) -> dict[str, Any]:
+    """The embedq encoder in this process, with the defaults a worker uses: the queue-free baseline.
+
+    Start-up is a load from the conversion cache (bench/run.py converts first, untimed)."""
     from workers.encoder import Encoder
+    from workers.protocol.config import Settings
 
     info = resolve_model("")
     started = time.perf_counter()
-    encoder = Encoder.load(info, "cpu")
+    encoder = Encoder.load(info, "cpu", runtime=runtime, dtype=dtype)
     encoder.encode(texts[:32], dtype=dtype)  # warm-up
     load_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -129,7 +147,10 @@ def run(method: str, texts: list[str]) -> dict[str, Any]:
         return _st(texts, 1)
     if method == "st-pool":
         return _st(texts, 2)
-    return _embedq_inproc(texts, method.rsplit("-", 1)[-1])
+    if method in ("st-onnx", "st-openvino"):
+        return _st(texts, 1, method.split("-", 1)[1])
+    _, runtime, dtype = method.split("-")
+    return _embedq_inproc(texts, runtime, dtype)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """embedq against the alternatives, on one corpus, in one process tree: `make bench`.
 
-    python bench/run.py [DOCS] [--large N] [--out bench/results.md]
+    python bench/run.py [DOCS] [--large N] [--out bench/results.md]     (DOCS: 6000 held-out fortunes)
 
 Every method runs in its own child process (so its peak RSS is its own) on the same fortunes
 corpus, and every ratio compares numbers taken in this one run: the machine may be shared and
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +32,8 @@ import numpy as np  # noqa: E402
 from bench.corpus import make_corpus, read_texts  # noqa: E402
 from bench.large import WarmWorkers  # noqa: E402
 from bench.measure import BertShape, cosines, matmul_gflops, run_sampled  # noqa: E402
-from workers.model_info import resolve_model  # noqa: E402
+from workers.protocol.errors import EmbedqError  # noqa: E402
+from workers.protocol.model_info import resolve_model  # noqa: E402
 
 MB = 2**20
 
@@ -83,35 +85,36 @@ def st_padded(texts: list[str], lengths: list[int], batch: int = 32) -> int:
     return sum(len(b) * max(lengths[i] for i in b) for b in (order[s : s + batch] for s in range(0, len(order), batch)))
 
 
-def run_method(method: str, corpus: Path, work: Path, limit: int = 0) -> tuple[dict[str, object], np.ndarray, int]:
+#: The peers' own environment (`make bench` builds it): sentence-transformers' ONNX and OpenVINO backends need
+#: optimum-onnx (transformers < 4.58) and optimum-intel (transformers < 5.6), which embedq's transformers is past.
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+
+
+def run_method(
+    method: str, corpus: Path, work: Path, limit: int = 0, python: str = sys.executable
+) -> tuple[dict[str, object], np.ndarray, int] | str:
+    """Run one bench/methods.py method in its own process: (result, embeddings, peak RSS), or why it failed."""
     out = work / method
-    argv = [sys.executable, str(ROOT / "bench" / "methods.py"), method, str(corpus), str(out)]
+    argv = [python, str(ROOT / "bench" / "methods.py"), method, str(corpus), str(out)]
     if limit:
         argv += ["--limit", str(limit)]
     print(f"bench: {method}{f' (first {limit} docs)' if limit else ''} ...", file=sys.stderr, flush=True)
     timed = run_sampled(argv, log=work / f"{method}.log")
     if timed.returncode != 0:
-        raise SystemExit(f"bench: {method} failed (exit {timed.returncode}):\n{timed.output[-2000:]}")
+        last = [line for line in timed.output.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        return f"failed (exit {timed.returncode}): {last[0][:160]}"
     result = json.loads(out.with_suffix(".json").read_text())
     return result, np.load(out.with_suffix(".npy")), timed.peak_rss
 
 
-def run_embedq(corpus: Path, work: Path, dtype: str, name: str) -> tuple[dict[str, object], np.ndarray, float, int]:
+def run_embedq(
+    corpus: Path, work: Path, dtype: str, name: str, runtime: str = "auto"
+) -> tuple[dict[str, object], np.ndarray, float, int]:
     """The real `embedq embed` command, embedded default (its own Valkey and workers): whole wall time."""
     output = work / f"{name}.npy"
     env = {k: v for k, v in os.environ.items() if k != "EMBEDQ_BROKER_URL"}
-    argv = [
-        sys.executable,
-        "-m",
-        "producer.cli",
-        "embed",
-        str(corpus),
-        "-o",
-        str(output),
-        "--dtype",
-        dtype,
-        "--no-progress",
-    ]
+    argv = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(output)]
+    argv += ["--dtype", dtype, "--runtime", runtime, "--no-progress"]
     print(f"bench: {name} ...", file=sys.stderr, flush=True)
     timed = run_sampled(argv, env={**env, "PYTHONPATH": str(ROOT)}, log=work / f"{name}.log")
     if timed.returncode != 0:
@@ -120,35 +123,48 @@ def run_embedq(corpus: Path, work: Path, dtype: str, name: str) -> tuple[dict[st
     return manifest, np.load(output), timed.wall_s, timed.peak_rss
 
 
+def convert_models() -> None:
+    """Convert the model for every runtime once, untimed: start-up columns then show a load from the cache."""
+    code = (
+        "from workers.encoder import Encoder; from workers.protocol.model_info import resolve_model\n"
+        "for runtime in ('openvino', 'onnxruntime'): Encoder.load(resolve_model(''), 'cpu', runtime=runtime)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+HEADER = (
+    "| method | docs/s | x ST fp32 | cos min | cos mean | padded/real tokens | start-up s | matmul roof | "
+    "peak RSS MB | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
 def fmt_row(row: Row, st_docs_per_s: float, roofline: dict[str, float | None]) -> str:
-    real_tps = row.tokens / row.seconds
-    peak = roofline[row.dtype]
+    peak = roofline.get(row.dtype)
     frac = f"{row.flops / row.seconds / (peak * 1e9):.1%}" if peak else "n/a"
     cos = f"{row.cos.min():.6f} | {row.cos.mean():.6f}" if row.cos is not None else "ref | ref"
     return (
-        f"| {row.name} | {row.docs_per_s:,.1f} | {real_tps:,.0f} | {row.padded / row.tokens:.2f} | "
-        f"{row.docs_per_s / st_docs_per_s:.2f}x | {frac} | {cos} | {row.peak_rss / MB:,.0f} | "
-        f"{row.wall_s:.1f} ({row.startup_s:.1f}) |{(' ' + row.note) if row.note else ''}"
+        f"| {row.name} | {row.docs_per_s:,.1f} | {row.docs_per_s / st_docs_per_s:.2f}x | {cos} | "
+        f"{row.padded / row.tokens:.2f} | {row.startup_s:.1f} | {frac} | {row.peak_rss / MB:,.0f} | {row.note} |"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("docs", type=int, nargs="?", default=3000, help="corpus size (default 3000)")
+    parser.add_argument("docs", type=int, nargs="?", default=6000, help="corpus size (default 6000)")
     parser.add_argument(
         "--large",
         type=int,
         default=0,
-        help="also embed N docs against a Valkey the bench "
-        "starts, reporting producer peak RSS and Redis peak used_memory (e.g. 100000)",
+        help="also embed N docs against a Valkey the bench starts, reporting producer peak RSS and Redis peak "
+        "used_memory (e.g. 100000)",
     )
-    parser.add_argument("--per-doc-limit", type=int, default=100, help="docs timed for the per-document loop")
-    parser.add_argument("--fixed-limit", type=int, default=1000, help="docs timed for fixed batches of 32")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedq-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     args = parser.parse_args()
 
     import torch
+
+    from workers.encoder import choose_runtime, cpu_has_bf16
 
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -157,8 +173,6 @@ def main() -> None:
     info = resolve_model("")
     lengths = token_lengths(texts, info.path, info.max_length)
     shape = BertShape.of(info.path)
-    from workers.encoder import cpu_has_bf16
-
     # Without native bf16 (AVX2-only CPUs) a bf16 matmul is emulated at well under 1 GFLOP/s: no roofline
     # worth dividing by, and each measurement would take a minute.
     native_bf16 = cpu_has_bf16()
@@ -168,74 +182,69 @@ def main() -> None:
     }
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
+    print("bench: converting the model for each runtime (untimed, cached) ...", file=sys.stderr, flush=True)
+    convert_models()
 
     rows: list[Row] = []
-    st_result, reference, st_rss = run_method("st", corpus, work)
+    missing: list[str] = []
+    reference_run = run_method("st", corpus, work)
+    if isinstance(reference_run, str):
+        raise SystemExit(f"bench: sentence-transformers {reference_run}")
+    st_result, reference, st_rss = reference_run
+    st_padded_tokens = st_padded(texts, lengths)
 
-    def add(name: str, result: dict[str, object], emb: np.ndarray, rss: int, note: str = "") -> None:
+    def add(name: str, run: tuple[dict[str, object], np.ndarray, int] | str, padded: int | None = None) -> None:
+        if isinstance(run, str):
+            missing.append(f"| {name} | | | | | | | | | {run} |")
+            return
+        result, emb, rss = run
         n = emb.shape[0]
         tokens = sum(lengths[:n])
         rows.append(
             Row(
                 name,
                 n,
-                float(result["seconds"]),
+                float(result["seconds"]),  # type: ignore[arg-type]
                 tokens,
-                int(result.get("padded_tokens") or tokens),  # type: ignore[call-overload]
+                padded or int(result.get("padded_tokens") or tokens),  # type: ignore[call-overload]
                 str(result["dtype"]),
-                cosines(emb, reference[:n]),
+                cosines(emb, reference[:n]) if rows else None,
                 rss,
-                float(result["seconds"]) + float(result["load_s"]),
+                float(result["seconds"]) + float(result["load_s"]),  # type: ignore[arg-type]
                 float(result["load_s"]),  # type: ignore[arg-type]
                 shape.flops(lengths[:n]),
-                note,
             )
         )
 
-    per_doc_n = min(args.per_doc_limit, len(texts))
-    fixed_n = min(args.fixed_limit, len(texts))
-    for method, limit in (("per-doc", per_doc_n), ("fixed-32", fixed_n)):
-        result, emb, rss = run_method(method, corpus, work, limit if limit < len(texts) else 0)
-        note = f"timed on the first {emb.shape[0]} docs" if emb.shape[0] < len(texts) else ""
-        add(
-            {
-                "per-doc": "1. per-document loop (HF, fp32)",
-                "fixed-32": "2. fixed batches of 32, input order (HF, fp32)",
-            }[method],
-            result,
-            emb,
-            rss,
-            note,
-        )
-    st_row = Row(
-        "3. sentence-transformers encode (fp32, batch 32)",
-        len(texts),
-        float(st_result["seconds"]),  # type: ignore[arg-type]
-        sum(lengths),
-        st_padded(texts, lengths),
-        "fp32",
-        None,
-        st_rss,
-        float(st_result["seconds"]) + float(st_result["load_s"]),
-        float(st_result["load_s"]),  # type: ignore[arg-type]
-        shape.flops(lengths),
-    )
-    rows.append(st_row)
-    result, emb, rss = run_method("st-pool", corpus, work)
-    add("4. sentence-transformers multi-process pool (2 processes)", result, emb, rss)
-    rows[-1].padded = st_padded(texts, lengths)
-
-    inproc: dict[str, Row] = {}
-    for dtype in ("fp32", "bf16"):
-        result, emb, rss = run_method(f"embedq-inproc-{dtype}", corpus, work)
-        add(f"embedq encoder in-process ({dtype}, {cores} threads, no queue)", result, emb, rss)
-        inproc[dtype] = rows[-1]
+    add("sentence-transformers encode (fp32, batch 32)", reference_run, st_padded_tokens)
+    add("sentence-transformers multi-process pool (2 processes)", run_method("st-pool", corpus, work), st_padded_tokens)
+    for backend, label in (("onnx", 'backend="onnx" (fp32)'), ("openvino", 'backend="openvino" (its default)')):
+        name = f"sentence-transformers {label}"
+        if PEERS_PYTHON.exists():
+            add(name, run_method(f"st-{backend}", corpus, work, python=str(PEERS_PYTHON)), st_padded_tokens)
+        else:
+            add(name, "not installed: optimum needs transformers < 5.6 (`make bench` builds .venv-peers for it)")
+    for runtime in ("torch", "openvino", "onnxruntime"):
+        for dtype in ("fp32", "bf16"):
+            try:
+                choose_runtime(runtime, "cpu", dtype)
+            except EmbedqError as error:
+                if runtime == "torch" or dtype == "fp32":
+                    raise
+                missing.append(f"| embedq in-process {runtime} {dtype} | | | | | | | | | refused: {error} |")
+                continue
+            if dtype == "bf16" and not native_bf16:
+                missing.append(f"| embedq in-process {runtime} bf16 | | | | | | | | | skipped: no native bf16 |")
+                continue
+            name = f"embedq in-process {runtime} {dtype} ({cores} threads)"
+            add(name, run_method(f"embedq-{runtime}-{dtype}", corpus, work))
 
     e2e: dict[str, Row] = {}
-    for number, dtype in ((5, "fp32"), (6, "bf16")):
+    auto = {dtype: choose_runtime("auto", "cpu", dtype) for dtype in ("fp32", "bf16")}
+    for dtype in ("fp32", "bf16"):
         manifest, emb, wall, rss = run_embedq(corpus, work, dtype, f"embedq-{dtype}")
         row = Row(
-            f"{number}. embedq end to end, Celery + Redis ({dtype}, whole command)",
+            f"`embedq embed` whole command, {dtype} (runtime auto = {auto[dtype]})",
             emb.shape[0],
             wall,
             int(manifest["tokens"]),
@@ -246,60 +255,39 @@ def main() -> None:
             wall,
             0.0,  # filled in below, once the same job has run on warm workers
             shape.flops(lengths),
+            "start-up included in docs/s",
         )
         rows.append(row)
         e2e[dtype] = row
 
-    # The same jobs on workers that are already up: the queue's own cost, start-up set apart.
-    warm_s: dict[str, float] = {}
-    busy_s: dict[str, float] = {}
+    # The same jobs on workers that are already up: the command's start-up is its wall less this.
     large_line = ""
     print("bench: warm workers (own Valkey + embedq worker) ...", file=sys.stderr, flush=True)
     with WarmWorkers(work, args.cache) as warm:
         for dtype in ("fp32", "bf16"):
-            warm_s[dtype], emb, busy_s[dtype] = warm.embed_rows(corpus, dtype, f"warm-{dtype}")
+            warm_s, emb, _ = warm.embed_rows(corpus, dtype, f"warm-{dtype}")
             assert emb.shape == reference.shape
-            e2e[dtype].startup_s = e2e[dtype].wall_s - warm_s[dtype]
+            e2e[dtype].startup_s = max(0.0, e2e[dtype].wall_s - warm_s)
         if args.large:
             large_line = warm.large(args.large)
 
-    from producer.cli import default_workers
-
     # The machine may be shared: the roofline is the best of a measurement before and one after.
     roofline = {dtype: max(gflops, matmul_gflops(dtype)) if gflops else None for dtype, gflops in roofline.items()}
-
-    children = default_workers()
-    st_dps = st_row.docs_per_s
-    header = (
-        "| method | docs/s | real tokens/s | padded/real | x ST fp32 | roofline | cos min | cos mean | "
-        "peak RSS MB | wall s (start-up s) | note |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-    )
+    st_dps = rows[0].docs_per_s
     lines = [
         f"embedq benchmark, {started}: {cpu_model()}, {cores} cores, torch {torch.__version__}, "
         f"model {info.name}, {len(texts):,} fortunes docs ({sum(lengths):,} tokens, median "
-        f"{int(np.median(lengths))}).",
+        f"{int(np.median(lengths))}); command: `make bench` (python bench/run.py {args.docs}).",
         "",
-        f"Matmul roofline (2048x2048, {cores} threads, best of before and after): fp32 {roofline['fp32']:.0f} GFLOP/s, "
+        f"Matmul roof (2048x2048, {cores} threads, best of before and after): fp32 {roofline['fp32']:.0f} GFLOP/s, "
         + (f"bf16 {roofline['bf16']:.0f} GFLOP/s" if roofline["bf16"] else "bf16 n/a (no native bf16: emulated)")
-        + "; useful FLOPs = 2 x weights x real tokens + attention.",
+        + "; useful FLOPs = 2 x weights x real tokens + attention. In-process and sentence-transformers docs/s "
+        "exclude start-up (model load from the conversion cache, shown apart); the whole commands include it.",
         "",
-        header,
+        HEADER,
+        *(fmt_row(row, st_dps, roofline) for row in rows),
+        *missing,
     ]
-    lines += [fmt_row(row, st_dps, roofline) for row in rows]
-    lines.append("")
-    for dtype in ("fp32", "bf16"):
-        lines.append(
-            f"- queue overhead {dtype}: `embedq embed --broker` on warm workers {warm_s[dtype]:.1f} s vs the same "
-            f"encoder in one process {inproc[dtype].seconds:.1f} s = {warm_s[dtype] / inproc[dtype].seconds - 1:+.1%}"
-            f"; its {children} children spent {busy_s[dtype]:.1f} s encoding of {children} x {warm_s[dtype]:.1f} s "
-            f"({1 - busy_s[dtype] / (children * warm_s[dtype]):.0%} of worker time outside encode: producer start-up, "
-            f"queue, tail); start-up of the whole command (row {5 if dtype == 'fp32' else 6} less warm) "
-            f"{e2e[dtype].startup_s:.1f} s"
-        )
-    lines.append(
-        "- docs/s of rows 1-4 and the in-process rows exclude model load (start-up, in brackets); "
-        "rows 5-6 are the whole `embedq embed` command, start-up included."
-    )
     if large_line:
         lines += ["", large_line]
     table = "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from producer.embedded_redis import free_port
+from producer.local.embedded_redis import free_port
 from tests.conftest import ROOT, wait_until
 from tests.serving import http, responds
 

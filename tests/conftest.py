@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.embedded_redis import EmbeddedRedis
-from producer.local_cluster import worker_command
-from producer.processes import start_process, stop_process
-from workers.config import Settings
-from workers.model_info import default_model_path
+from producer.local.cluster import worker_command
+from producer.local.embedded_redis import EmbeddedRedis
+from producer.local.processes import start_process, stop_process
+from workers.protocol.config import Settings
+from workers.protocol.model_info import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -197,6 +197,9 @@ def run_embedq(
     *args: str, env: dict[str, str] | None = None, timeout: float = 240, stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `embedq` command line in a subprocess, as a user would."""
+    if args[:1] == ("embed",) and "--broker" in args and not {"--wait-for-workers", "--no-worker-check"} & set(args):
+        # Tests start workers and the producer together: the producer waits for them, as such a user would ask.
+        args = (*args, "--wait-for-workers", "120")
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")},
         "PYTHONPATH": str(ROOT),

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.embedded_redis import free_port
-from producer.local_cluster import worker_command
-from producer.processes import start_process, stop_process
+from producer.local.cluster import worker_command
+from producer.local.embedded_redis import free_port
+from producer.local.processes import start_process, stop_process
 from tests.conftest import ROOT, wait_until
-from workers.config import Settings
+from workers.protocol.config import Settings
 
 
 def http(

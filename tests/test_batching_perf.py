@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.cli import build_parser, default_workers
-from workers.batching import pack_by_tokens, padded_tokens
-from workers.config import Settings
-from workers.model_info import default_model_path
+from producer.cli.main import build_parser, default_workers
+from workers.encoder.batching import pack_by_tokens, padded_tokens
+from workers.protocol.config import Settings
+from workers.protocol.model_info import default_model_path
 
 SAMPLE = Path(__file__).resolve().parent.parent / "producer" / "samples" / "sample.jsonl"
 
@@ -73,7 +73,7 @@ def test_threads_per_child_never_exceed_cores(cores: int, children: int) -> None
 
 
 def test_embedq_worker_says_what_it_chose_and_it_fits_the_cores() -> None:
-    from producer.cli import worker_argv
+    from producer.cli.main import worker_argv
 
     # given `embedq worker` with every default, on this machine
     args = build_parser().parse_args(["worker", "--broker", "redis://127.0.0.1:1/0"])
@@ -92,7 +92,7 @@ def test_bf16_autocast_matches_fp32_on_the_sample() -> None:
     import torch
 
     from workers.encoder import Encoder, configure_threads, cpu_has_bf16
-    from workers.model_info import resolve_model
+    from workers.protocol.model_info import resolve_model
 
     # given the packaged model and a slice of the sample corpus
     configure_threads(min(2, len(os.sched_getaffinity(0))))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from producer.chunk_plan import ChunkPlan
-from producer.dispatcher import SPECULATION_MULTIPLIER, straggler_threshold_s
-from producer.job_record import RUNNING, JobRecord
-from producer.status import job_status
+from producer.job.chunk_plan import ChunkPlan
+from producer.job.dispatcher import SPECULATION_MULTIPLIER, straggler_threshold_s
+from producer.job.record import RUNNING, JobRecord
+from producer.job.status import job_status
 
 
 def test_chunks_are_full_until_the_tail_then_shrink_and_cover_every_row_once() -> None:

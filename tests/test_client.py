@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.async_client import AsyncEmbedClient
-from producer.broker import send_chunk, sender_app
-from producer.client import EmbedClient
-from producer.job_record import JobRecord
-from producer.status import job_status
+from producer.job.broker import send_chunk, sender_app
+from producer.job.record import JobRecord
+from producer.job.status import job_status
+from producer.serve.async_client import AsyncEmbedClient
+from producer.serve.client import EmbedClient
 from tests.conftest import Broker, run_embedq, wait_until
 from tests.serving import Fleet
 from workers.encoder import Encoder
-from workers.errors import InvalidRecords, RequestTimeout
-from workers.keys import Keys
-from workers.model_info import resolve_model
+from workers.protocol.errors import InvalidRecords, RequestTimeout
+from workers.protocol.keys import Keys
+from workers.protocol.model_info import resolve_model
 
 TEXTS = [f"sentence {i} about {'lanes ' * (i % 5)}and queues" for i in range(70)]
 

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from producer.coalesce import Coalescer
+from producer.serve.coalesce import Coalescer
 
 
 class Recorder:

@@ -26,8 +26,8 @@ import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.embedded_redis import free_port, valkey_binary
-from producer.processes import start_process, stop_process
+from producer.local.embedded_redis import free_port, valkey_binary
+from producer.local.processes import start_process, stop_process
 from tests.conftest import ROOT, run_embedq, wait_until
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))

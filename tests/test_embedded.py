@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer import exitcodes
+from producer.cli import exitcodes
 from tests.conftest import ROOT, run_embedq, wait_until
 
 SUMMARY = re.compile(r"^embedq: (\d+) docs in [\d.]+ s \(([\d.]+) docs/s\), (\d+) truncated, (\d+) rejected")

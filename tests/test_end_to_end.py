@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from tests.conftest import WorkerFactory, _server_params, make_broker, run_embedq, write_texts_jsonl
 from workers.encoder import Encoder
-from workers.model_info import resolve_model
+from workers.protocol.model_info import resolve_model
 
 TEXTS = [f"document number {i} says {'hello ' * (i % 17)}world" for i in range(300)] + ["", "   ", "many words " * 400]
 
@@ -21,16 +22,29 @@ def reference(tiny_bert: Path) -> np.ndarray:
     return Encoder.load(resolve_model(str(tiny_bert)), "cpu").encode(TEXTS).embeddings
 
 
-# Every pool flavour on the embedded server; the machine's Redis (CI) with the default prefork/fork.
+# Every pool flavour on the embedded server, each runtime under prefork fork and the compiled ones under spawn
+# and threads too; the machine's Redis (CI) with the defaults.
 FLAVOURS = [
-    ("valkey", "prefork", "fork", 2),
-    ("valkey", "prefork", "spawn", 2),
-    ("valkey", "solo", "fork", 1),
-    ("valkey", "threads", "fork", 2),
-] + [("redis", "prefork", "fork", 2)] * ("redis" in _server_params())
+    ("valkey", "prefork", "fork", 2, "openvino"),
+    ("valkey", "prefork", "spawn", 2, "openvino"),
+    ("valkey", "prefork", "fork", 2, "onnxruntime"),
+    ("valkey", "prefork", "spawn", 2, "onnxruntime"),
+    ("valkey", "prefork", "fork", 2, "torch"),
+    ("valkey", "solo", "fork", 1, "auto"),
+    ("valkey", "threads", "fork", 2, "openvino"),
+    ("valkey", "threads", "fork", 2, "onnxruntime"),
+] + [("redis", "prefork", "fork", 2, "auto")] * ("redis" in _server_params())
+#: The shared library each runtime's thread pool lives in: never mapped into a prefork parent.
+RUNTIME_LIBRARIES = ("libopenvino", "libonnxruntime", "onnxruntime_pybind")
 
 
-@pytest.mark.parametrize(("server", "pool", "start_method", "concurrency"), FLAVOURS)
+def _mapped(pid: int) -> set[str]:
+    """The runtime libraries mapped into process `pid`."""
+    maps = Path(f"/proc/{pid}/maps").read_text(errors="replace")
+    return {name for name in RUNTIME_LIBRARIES if name in maps}
+
+
+@pytest.mark.parametrize(("server", "pool", "start_method", "concurrency", "runtime"), FLAVOURS)
 def test_every_pool_flavour_yields_the_reference_rows_in_order(
     request: pytest.FixtureRequest,
     workers: WorkerFactory,
@@ -41,11 +55,14 @@ def test_every_pool_flavour_yields_the_reference_rows_in_order(
     pool: str,
     start_method: str,
     concurrency: int,
+    runtime: str,
 ) -> None:
-    # given workers of this pool flavour serving the tiny model
+    # given workers of this pool flavour and runtime serving the tiny model (converted into a fresh cache)
     broker = make_broker(request, server)
     request.addfinalizer(broker.cleanup)
-    env = broker.env(model=str(tiny_bert), pool_start_method=start_method)
+    env = broker.env(
+        model=str(tiny_bert), pool_start_method=start_method, runtime=runtime, cache_dir=str(tmp_path / "cache")
+    )
     worker = workers.start(env, pool=pool, concurrency=concurrency)
     corpus = write_texts_jsonl(tmp_path / "corpus.jsonl", TEXTS)
     out = tmp_path / "out.npy"
@@ -82,3 +99,11 @@ def test_every_pool_flavour_yields_the_reference_rows_in_order(
         # and forked children inherit torch from the worker main process; spawned ones import it themselves
         expected = "imports inherited from the worker process" if start_method == "fork" else "imported here"
         assert expected in worker.log(), worker.log()
+    # and the runtime asked for is the one that served the chunks
+    if runtime != "auto":
+        assert f"runtime {runtime}," in worker.log(), worker.log()
+    # and under prefork its thread pool lives in the children only, never in the parent that forks them
+    if pool == "prefork" and runtime in ("openvino", "onnxruntime"):
+        assert not _mapped(worker.process.pid), "a runtime library is mapped into the prefork parent"
+        ready = [int(pid) for pid in re.findall(r"embedq child (\d+) ready", worker.log())]
+        assert ready and all(_mapped(child) for child in ready), "a ready child does not run the runtime"

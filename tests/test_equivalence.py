@@ -2,6 +2,8 @@
 
 One module-scoped worker (prefork, two children) serves the packaged model; each run of the real
 `embedq embed` command line is compared with sentence-transformers or with the in-process Encoder.
+The same suite runs every kept inference runtime in process, on MiniLM and on a tiny BERT, against
+sentence-transformers: fp32 must match to a cosine of 0.99999, bf16 to 0.9999.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import ROOT, Broker, WorkerFactory, run_embedq, wait_until
-from workers.encoder import Encoder
-from workers.model_info import default_model_path, resolve_model
+from workers.encoder import Encoder, cpu_has_bf16
+from workers.protocol.model_info import default_model_path, resolve_model
 
 SAMPLE = ROOT / "producer" / "samples" / "sample.jsonl"
 ROWS = 300  # a few hundred real sentences: short and long, punctuation, quotes, numbers
@@ -57,6 +59,73 @@ def minilm_broker(valkey: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
     return Encoder.load(resolve_model(), "cpu")
+
+
+#: Every kept runtime and dtype (bf16 only where the CPU has it natively: elsewhere OpenVINO refuses it).
+RUNTIMES = [
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+    ("openvino", "fp32"),
+    *([("openvino", "bf16")] if cpu_has_bf16() else []),
+    ("onnxruntime", "fp32"),
+]
+MIN_COSINE = {"fp32": 0.99999, "bf16": 0.9999}
+
+
+def _sentence_transformers(folder: Path, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    return model.encode(texts, normalize_embeddings=True, batch_size=64, convert_to_numpy=True)
+
+
+@pytest.fixture(scope="module")
+def minilm_reference(corpus: tuple[Path, list[str]]) -> np.ndarray:
+    return _sentence_transformers(default_model_path(), corpus[1])
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One conversion cache for the module: each model is converted once per runtime."""
+    return tmp_path_factory.mktemp("conversions")
+
+
+@pytest.mark.parametrize(("runtime", "dtype"), RUNTIMES)
+def test_every_runtime_matches_sentence_transformers_on_minilm(
+    corpus: tuple[Path, list[str]], minilm_reference: np.ndarray, conversions: Path, runtime: str, dtype: str
+) -> None:
+    # given the packaged MiniLM loaded in this runtime (converted from its folder on first load)
+    encoder = Encoder.load(resolve_model(), "cpu", runtime=runtime, dtype=dtype, cache_dir=str(conversions))
+    assert encoder.runtime_name == runtime
+    # when it embeds a few hundred real sentences, long ones truncated, in the token-budget batches
+    result = encoder.encode(corpus[1], dtype=dtype, max_length=encoder.info.max_length)
+    # then every row points where sentence-transformers' does
+    cosines = _cosines(result.embeddings, minilm_reference)
+    assert cosines.min() >= MIN_COSINE[dtype], f"worst row {int(cosines.argmin())}: cosine {cosines.min():.7f}"
+    assert (result.dtype, result.truncated) == (dtype, LONG)
+    np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("runtime", "dtype"), RUNTIMES)
+def test_every_runtime_matches_sentence_transformers_on_a_tiny_bert(
+    tiny_bert: Path, corpus: tuple[Path, list[str]], conversions: Path, runtime: str, dtype: str
+) -> None:
+    # given a tiny random BERT (no sentence-transformers files: mean pooling, 128 positions) in this runtime
+    texts = corpus[1][:64] + ["", "   ", "word " * 300]
+    info = resolve_model(str(tiny_bert))
+    encoder = Encoder.load(info, "cpu", runtime=runtime, dtype=dtype, cache_dir=str(conversions))
+    # when it embeds real sentences, empty ones and one longer than the model
+    rows = encoder.encode(texts, dtype=dtype).embeddings
+    # then it matches sentence-transformers on the same folder
+    cosines = _cosines(rows, _sentence_transformers(tiny_bert, texts))
+    assert cosines.min() >= MIN_COSINE[dtype], f"worst row {int(cosines.argmin())}: cosine {cosines.min():.7f}"
+    # and every pooling, normalised or not, matches the torch reference (pooling is the backend's own code)
+    reference = Encoder.load(info, "cpu")
+    for pooling, normalize in (("cls", True), ("max", True), ("mean", False)):
+        got = encoder.encode(texts, pooling=pooling, normalize=normalize, dtype=dtype).embeddings
+        expected = reference.encode(texts, pooling=pooling, normalize=normalize, dtype=dtype).embeddings
+        assert _cosines(got, expected).min() >= MIN_COSINE[dtype], (pooling, normalize)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(expected, axis=1), rtol=1e-2)
 
 
 SMALL = 32  # the pooling code, not the corpus, is under test in the flag tests

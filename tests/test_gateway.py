@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import Broker
 from tests.serving import Fleet, http
 from workers.encoder import Encoder
-from workers.model_info import resolve_model
+from workers.protocol.model_info import resolve_model
 
 API_KEY = "test-key-123"
 TEXTS = ["The cat sat on the mat.", "Embeddings for web apps", "", "naïve café ünïcode ✓"]
@@ -101,8 +101,8 @@ def test_requests_the_model_cannot_serve_are_refused_clearly(fleet: Fleet) -> No
         api.embeddings.create(input="x", model=model_id(fleet), dimensions=dim // 2)
     assert refused.value.body["code"] == "dimensions_unsupported"  # type: ignore[index]
     assert len(api.embeddings.create(input="x", model=model_id(fleet), dimensions=dim).data[0].embedding) == dim
-    # token arrays
-    with pytest.raises(openai.BadRequestError, match="token ids"):
+    # token arrays (what LangChain's OpenAIEmbeddings sends by default): the message names its setting
+    with pytest.raises(openai.BadRequestError, match="token ids.*check_embedding_ctx_length=False"):
         api.embeddings.create(input=[[101, 2023, 102]], model=model_id(fleet))
     # an invalid record, named by its index
     with pytest.raises(openai.BadRequestError, match=r"input\[1\]: must be a string, got int"):
@@ -110,6 +110,25 @@ def test_requests_the_model_cannot_serve_are_refused_clearly(fleet: Fleet) -> No
     # another model
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         api.embeddings.create(input="x", model="text-embedding-3-small")
+
+
+def test_langchain_openai_embeddings_get_the_reference_vectors(fleet: Fleet, reference: np.ndarray) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    # given LangChain's OpenAI embeddings pointed at the gateway, sending text as the 400 message advises
+    embeddings = OpenAIEmbeddings(
+        model=model_id(fleet),
+        base_url=f"{fleet.main}/v1",  # type: ignore[attr-defined]
+        api_key=API_KEY,  # type: ignore[arg-type]
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    # when it embeds documents and a query
+    documents = embeddings.embed_documents(TEXTS)
+    query = embeddings.embed_query(TEXTS[0])
+    # then they are the in-process reference rows
+    np.testing.assert_allclose(np.array(documents), reference, atol=1e-5)
+    np.testing.assert_allclose(query, reference[0], atol=1e-5)
 
 
 def test_a_wrong_or_missing_api_key_is_401(fleet: Fleet) -> None:

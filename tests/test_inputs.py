@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer import exitcodes
-from producer.embedded_redis import EmbeddedRedis
+from producer.cli import exitcodes
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import ROOT, Broker, WorkerFactory, run_embedq, wait_until
 from workers.encoder import Encoder
-from workers.model_info import resolve_model
+from workers.protocol.model_info import resolve_model
 
 SAMPLE = [json.loads(line)["text"].replace("\n", " ") for line in (ROOT / "producer/samples/sample.jsonl").open()][:22]
 # Empty and whitespace-only texts are embedded like any other; the long one is truncated and counted.
@@ -360,7 +360,7 @@ def test_a_hub_name_in_the_local_cache_resolves_offline_from_its_json_files(tmp_
     (snapshot / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     (snapshot / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
     # when the name is resolved with the hub unreachable (offline: no network is tried)
-    code = "from workers.model_info import resolve_model; print(repr(resolve_model('org/name')))"
+    code = "from workers.protocol.model_info import resolve_model; print(repr(resolve_model('org/name')))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     # then width, pooling and length come from those files, and workers are told to load it by name

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.client import EmbedClient
+from producer.serve.client import EmbedClient
 from tests.conftest import ROOT, Broker, WorkerFactory, WorkerProcess, wait_until, write_texts_jsonl
-from workers.model_info import DEFAULT_MODEL_NAME
+from workers.protocol.model_info import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +139,8 @@ def test_a_command_whose_extra_is_missing_names_it_in_one_line(
 CLIENTS = """
 import asyncio, json, sys
 import numpy as np
-from producer.async_client import AsyncEmbedClient
-from producer.client import EmbedClient
+from producer.serve.async_client import AsyncEmbedClient
+from producer.serve.client import EmbedClient
 
 url, texts = sys.argv[1], json.loads(sys.argv[2])
 client = EmbedClient(url)

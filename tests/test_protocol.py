@@ -11,13 +11,13 @@ import pytest
 from kombu.transport import redis as kombu_redis
 from redis.connection import Encoder as RedisEncoder
 
-from producer import job_record
-from producer.job_record import JobRecord
-from producer.status import job_status
-from workers import events
-from workers.config import Settings, celery_config
-from workers.keys import Keys
-from workers.queues import PRIORITY_SEP, PRIORITY_STEPS, QUEUES, queue_lists
+from producer.job import record as job_record
+from producer.job.record import JobRecord
+from producer.job.status import job_status
+from workers.protocol import events
+from workers.protocol.config import Settings, celery_config
+from workers.protocol.keys import Keys
+from workers.protocol.queues import PRIORITY_SEP, PRIORITY_STEPS, QUEUES, queue_lists
 
 ROOT = Path(__file__).resolve().parent.parent
 

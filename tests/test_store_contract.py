@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import _server_params, make_broker
-from workers.keys import Keys
-from workers.store import DiskStore, RedisStore, ResultStore
+from workers.protocol.keys import Keys
+from workers.protocol.store import DiskStore, RedisStore, ResultStore
 
 TTL_S = 600
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.output import HEADER_BYTES, ChunkRecord, PartialOutput, npy_header
-from producer.readers import Record, Rejected, read_csv, read_jsonl, read_records, read_txt
-from workers.batching import pack_by_tokens, padded_tokens
-from workers.config import Settings
-from workers.errors import ConfigError, InputError, ModelError
-from workers.model_info import DEFAULT_MODEL_NAME, resolve_model
+from producer.job.output import HEADER_BYTES, ChunkRecord, PartialOutput, npy_header
+from producer.job.readers import Record, Rejected, read_csv, read_jsonl, read_records, read_txt
+from workers.encoder.batching import pack_by_tokens, padded_tokens
+from workers.protocol.config import Settings
+from workers.protocol.errors import ConfigError, InputError, ModelError
+from workers.protocol.model_info import DEFAULT_MODEL_NAME, resolve_model
 
 
 def _stream(data: bytes) -> io.BufferedReader:
@@ -313,8 +313,8 @@ def test_resolve_model_errors_name_the_model_and_the_fix(
 
 
 def test_a_missing_extra_is_named_with_the_command_that_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers import extras
-    from workers.errors import MissingExtra
+    from workers.protocol import extras
+    from workers.protocol.errors import MissingExtra
 
     extras.require("embedq serve", "serve", "worker")  # the full install has every extra
     monkeypatch.setitem(extras.EXTRAS, "gpu", ("no_such_module_anywhere",))

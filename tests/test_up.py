@@ -12,13 +12,17 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from producer.local.embedded_redis import free_port
 from tests.conftest import run_embedq, wait_until
 from tests.serving import UpStack, embedq_up, responds
+from tests.test_cli_first_hour import user_env
+from workers.protocol.keys import redact
 
 
 def chromium() -> str | None:
@@ -75,7 +79,10 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def up(tmp_path: Path, tiny_bert: Path) -> Iterator[UpStack]:
-    with embedq_up(tmp_path, tiny_bert, "--workers", "1", "--interactive-workers", "0") as stack:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    flags = ("--broker-port", str(free_port()), "--workers", "1", "--interactive-workers", "0")
+    with embedq_up(tmp_path, tiny_bert, *flags, env={"XDG_RUNTIME_DIR": str(runtime)}) as stack:
         yield stack
 
 
@@ -86,10 +93,16 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
     # given `embedq up` has printed where everything is, and the gateway's health turned green
     up.wait_ready()
     printed = up.printed()
-    assert f"http://127.0.0.1:{flower_port}" in printed and f"http://127.0.0.1:{port}" in printed
+    # it said "ready" only once the gateway's health was green, and printed where everything is after that
+    assert printed.index("embedq up: ready") < printed.index(f"http://127.0.0.1:{port}"), printed
+    assert f"http://127.0.0.1:{flower_port}" in printed
     # the broker's password is printed nowhere: tools read the URL from the file it names
     broker_url = up.broker_url()
     assert broker_url.split("@")[0].split(":")[-1] not in printed
+    broker_port = process.args[process.args.index("--broker-port") + 1]  # type: ignore[index,union-attr]
+    assert broker_url.endswith(f"@127.0.0.1:{broker_port}/0"), broker_url
+    url_file = re.search(r"the full URL is in (\S+),", printed).group(1)  # type: ignore[union-attr]
+    assert f"EmbedClient(open({url_file!r}).read().strip())" in printed and "status   embedq status" in printed
     # when a corpus job runs through the stack
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"flower should show document {i}\n" for i in range(24)), encoding="utf-8")
@@ -106,6 +119,13 @@ def test_up_serves_flower_shows_the_work_and_ctrl_c_stops_everything(
         "8",
     )
     assert job.returncode == 0, job.stderr
+    # then `embedq status` with no --broker finds the private Valkey of this `embedq up` and lists the job
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "embedq"), "status"], env=user_env(tmp_path), capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    assert f"broker: {redact(broker_url)} (the embedded Valkey of `embedq up` (pid {process.pid}))" in status.stdout
+    assert any(str(corpus) in row and " done " in row for row in status.stdout.splitlines()), status.stdout
     assert wait_until(lambda: responds(f"http://127.0.0.1:{flower_port}/"), 60)
     user, password = up.flower_auth()
     flower = f"http://{user}:{password}@127.0.0.1:{flower_port}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.config import Settings, celery_config
-from workers.errors import ConfigError
+from workers.protocol.config import Settings, celery_config
+from workers.protocol.errors import ConfigError
 
 
 def test_max_child_memory_reaches_celery_in_kib() -> None:

@@ -2,10 +2,10 @@
 
 Run workers with `embedq worker` or plainly `celery -A workers.app worker`. Each concern lives in its
 own module; this one only connects them to Celery's signals:
-- workers/startup.py: model and memory checks before the pool forks, the model load in each child;
-- workers/crash_loop.py: markers that stop a worker whose children die while loading;
-- workers/watchdog.py: a warm shutdown that hangs past the hard time limit is ended;
-- workers/teardown.py: a stopped worker skips the interpreter's slow teardown.
+- workers/lifecycle/startup.py: model and memory checks before the pool forks, the model load in each child;
+- workers/lifecycle/crash_loop.py: markers that stop a worker whose children die while loading;
+- workers/lifecycle/watchdog.py: a warm shutdown that hangs past the hard time limit is ended;
+- workers/lifecycle/teardown.py: a stopped worker skips the interpreter's slow teardown.
 The tasks (workers/tasks.py) are imported by Celery through `include`, so they may import `app`.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 from celery import Celery, signals
 
-from workers import startup, teardown, watchdog
-from workers.config import Settings, celery_config
-from workers.queues import QUEUES
-from workers.startup import EXIT_WORKER_CONFIG
+from workers.lifecycle import startup, teardown, watchdog
+from workers.lifecycle.startup import EXIT_WORKER_CONFIG
+from workers.protocol.config import Settings, celery_config
+from workers.protocol.queues import QUEUES
 
 __all__ = ["EXIT_WORKER_CONFIG", "app", "settings"]
 
@@ -42,12 +42,12 @@ def before_child_start(**_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def bound_warm_shutdown(sender: Any = None, how: str = "Warm", exitcode: Any = 0, **_: Any) -> None:
-    """Main process, on SIGTERM/SIGINT: make sure the warm shutdown ends (workers/watchdog.py)."""
+    """Main process, on SIGTERM/SIGINT: make sure the warm shutdown ends (workers/lifecycle/watchdog.py)."""
     if how == "Warm" and os.getpid() == (startup.main_pid() or os.getpid()):
         watchdog.start(settings.task_time_limit_s, int(exitcode or 0))
 
 
-#: This worker's liveness key renewer (workers/liveness.py), started once the worker is ready.
+#: This worker's liveness key renewer (workers/protocol/liveness.py), started once the worker is ready.
 _beacon: Any = None
 
 
@@ -55,8 +55,8 @@ _beacon: Any = None
 def after_worker_ready(sender: Any = None, **_: Any) -> None:
     """Main process: tell the fleet this worker is alive, for as long as it is (a key with a short TTL)."""
     global _beacon
-    from workers.keys import Keys, connect
-    from workers.liveness import WorkerBeacon
+    from workers.protocol.keys import Keys, connect
+    from workers.protocol.liveness import WorkerBeacon
     from workers.runtime import worker_socket_options
 
     hostname = str(getattr(sender, "hostname", "") or os.getpid())

@@ -2,7 +2,7 @@
 
 A child starting a chunk writes `Keys.lease(job, chunk, attempt)` with a TTL of `lease_ttl_s` and a
 thread of its own renews it every fifth of that. The producer watches the leases of the chunks it is
-waiting for (producer/dispatcher.py): a lease that vanishes without a done event means its holder went
+waiting for (producer/job/dispatcher.py): a lease that vanishes without a done event means its holder went
 silent (host lost, link cut, VM frozen), and the chunk is sent again. The renewal thread only needs
 the GIL for a few microseconds every couple of seconds, and torch, the tokenizers and the compiled
 runtimes release the GIL while they compute, so a busy child still renews (`max_gap_ms` in the lease
@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from workers.keys import Keys
+from workers.protocol.keys import Keys
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from workers import model_registry
-from workers.config import Settings
-from workers.errors import WorkerNotReady
-from workers.keys import Keys, connect
-from workers.model_info import ModelInfo, resolve_model
-from workers.store import ResultStore, open_store
+from workers.protocol import model_registry
+from workers.protocol.config import Settings
+from workers.protocol.errors import WorkerNotReady
+from workers.protocol.keys import Keys, connect
+from workers.protocol.model_info import ModelInfo, resolve_model
+from workers.protocol.store import ResultStore, open_store
 
 if TYPE_CHECKING:
     from workers.encoder import Encoder
@@ -103,7 +103,7 @@ def bound_native_memory() -> None:
 
 def worker_socket_options(settings: Settings) -> dict[str, Any]:
     """redis-py options for a worker's own connections: a cut link fails within seconds, not minutes."""
-    from workers.config import keepalive_options
+    from workers.protocol.config import keepalive_options
 
     return {
         "socket_timeout": settings.broker_timeout_s * 2,
@@ -132,21 +132,31 @@ def init_process(settings: Settings) -> WorkerContext:
         threads = threads_per_child(settings)
         configure_threads(threads)
         model = resolve_model(settings.model)
-        encoder = Encoder.load(model, settings.device)
+        # Any runtime's thread pool (OpenMP, TBB, ONNX Runtime's) is created here, in the child, never before fork.
+        encoder = Encoder.load(
+            model,
+            settings.device,
+            runtime=settings.runtime,
+            dtype=settings.dtype,
+            threads=threads,
+            cache_dir=settings.cache_dir,
+        )
+        encoder.warm_up(settings.batch_tokens, settings.dtype)
         load_s = time.monotonic() - started
         coordination = connect(settings.broker_url, **worker_socket_options(settings))
         _context = WorkerContext(settings, model, encoder, coordination, Keys(settings.key_prefix), load_s, threads)
         # For /metrics (embedq_model_load_seconds): how often children load a model and how long it takes;
-        # and the model itself, for light producers that cannot read it (workers/model_registry.py).
+        # and the model itself, for light producers that cannot read it (workers/protocol/model_registry.py).
         with coordination.pipeline(transaction=False) as pipe:
             pipe.hincrby(_context.keys.stats(), "model_loads", 1)
             pipe.hincrby(_context.keys.stats(), "model_load_ms", int(load_s * 1000))
             model_registry.announce(pipe, _context.keys, model)
             pipe.execute()
         log.warning(
-            "embedq child %d ready: %s, %d torch threads, loaded in %.1f s (%s)",
+            "embedq child %d ready: %s, runtime %s, %d threads, loaded in %.1f s (%s)",
             os.getpid(),
             model.name,
+            encoder.runtime_name,
             threads,
             load_s,
             "imports inherited from the worker process" if inherited else "imported here",

@@ -12,11 +12,12 @@ from typing import Any, cast
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import events, runtime
+from workers import runtime
 from workers.app import app
-from workers.config import TASK_EMBED_CHUNK
-from workers.errors import EmbedqError, ModelMismatch, is_retryable
 from workers.lease import ChunkLease
+from workers.protocol import events
+from workers.protocol.config import TASK_EMBED_CHUNK
+from workers.protocol.errors import EmbedqError, ModelMismatch, is_retryable
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()

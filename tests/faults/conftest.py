@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import ROOT, Broker, WorkerFactory, WorkerProcess, wait_until, write_texts_jsonl
 
 #: Redis gives an unacked message back after this long; time limits stay below it.
@@ -69,7 +69,7 @@ def own_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 def reference(tiny_bert: Path) -> np.ndarray:
     """TEXTS embedded in-process by the tiny model: what every faulty run must still produce."""
     from workers.encoder import Encoder
-    from workers.model_info import resolve_model
+    from workers.protocol.model_info import resolve_model
 
     return Encoder.load(resolve_model(str(tiny_bert)), "cpu").encode(TEXTS).embeddings
 
@@ -118,7 +118,7 @@ def wait_started(broker: Broker, worker: WorkerProcess, task_id: str, timeout_s:
 
 
 def chunk_of(task_id: str) -> int:
-    """Task ids read `job-chunk-attempt` (producer/broker.py)."""
+    """Task ids read `job-chunk-attempt` (producer/job/broker.py)."""
     return int(task_id.rsplit("-", 2)[1])
 
 
@@ -215,6 +215,8 @@ def embed_args(corpus: Path, out: Path, broker_url: str, tiny_bert: Path, *extra
         "--chunk-size",
         str(CHUNK),
         *extra,
+        # Workers may still be starting when the producer is: it waits for them, as such a user would ask.
+        *([] if "--no-worker-check" in extra else ["--wait-for-workers", "120"]),
     ]
 
 

@@ -26,8 +26,9 @@ from typing import Any
 from celery import signals
 
 import workers.app as production
-from workers import runtime, startup
+from workers import runtime
 from workers.app import app
+from workers.lifecycle import startup
 
 __all__ = ["app"]
 
@@ -55,7 +56,7 @@ _production_init_process = runtime.init_process
 
 
 def _init_process_with_faults(settings: Any) -> runtime.WorkerContext:
-    """The production model load (called by workers/startup.py inside the crash-loop marker), slowed
+    """The production model load (called by workers/lifecycle/startup.py inside the crash-loop marker), slowed
     down and with a faulty encoder when asked."""
     if LOAD_DELAY_S > 0:
         time.sleep(LOAD_DELAY_S)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.broker import sender_app
-from producer.embedded_redis import EmbeddedRedis
+from producer.job.broker import sender_app
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import Broker, WorkerFactory, WorkerProcess, run_embedq, wait_until
 from tests.faults.conftest import succeeded, wait_ready, worker_env
-from workers import events
-from workers.config import TASK_EMBED_CHUNK
-from workers.keys import Keys
+from workers.protocol import events
+from workers.protocol.config import TASK_EMBED_CHUNK
+from workers.protocol.keys import Keys
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +108,8 @@ def test_a_batch_of_every_kind_of_bad_record_through_the_cli(
 def test_the_python_client_names_each_bad_record_and_embeds_valid_ones(
     module_broker: Broker, module_worker: WorkerProcess, tiny_bert: Path
 ) -> None:
-    from producer.client import EmbedClient
-    from workers.errors import InvalidRecords
+    from producer.serve.client import EmbedClient
+    from workers.protocol.errors import InvalidRecords
 
     with EmbedClient(module_broker.url, key_prefix=module_broker.prefix, model=str(tiny_bert)) as client:
         # when a batch mixes bad values with good ones

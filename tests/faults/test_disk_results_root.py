@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from producer.broker import send_chunk, sender_app
+from producer.job.broker import send_chunk, sender_app
 from tests.conftest import Broker, WorkerFactory
 from tests.faults.conftest import wait_ready, worker_env
-from workers.errors import ResultsRefused
-from workers.keys import Keys
-from workers.model_info import resolve_model
-from workers.store import open_store
+from workers.protocol.errors import ResultsRefused
+from workers.protocol.keys import Keys
+from workers.protocol.model_info import resolve_model
+from workers.protocol.store import open_store
 
 pytestmark = pytest.mark.slow
 

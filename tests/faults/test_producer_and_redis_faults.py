@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.embedded_redis import EmbeddedRedis
+from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import Broker, WorkerFactory, run_embedq, wait_until
 from tests.faults.conftest import (
     ProducerFactory,
@@ -162,6 +162,7 @@ def test_lost_chunks_that_no_worker_finishes_fail_the_job_instead_of_reporting_i
             tiny_bert,
             "--stall-timeout",
             "1",
+            "--no-worker-check",  # queue the job although no worker will ever take it
         ),
         env={"EMBEDQ_KEY_PREFIX": fault_broker.prefix},
         timeout=50,

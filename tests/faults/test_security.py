@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import redis
 
-from producer.embedded_redis import EmbeddedRedis, free_port
-from producer.processes import start_process, stop_process
+from producer.local.embedded_redis import EmbeddedRedis, free_port
+from producer.local.processes import start_process, stop_process
 from tests.conftest import Broker, WorkerFactory, run_embedq
 from tests.faults.conftest import TEXTS, assert_same_output, embed_args, wait_ready, worker_env, write_corpus
 

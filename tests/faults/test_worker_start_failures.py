@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from producer.broker import send_chunk, sender_app
-from producer.embedded_redis import free_port
+from producer.job.broker import send_chunk, sender_app
+from producer.local.embedded_redis import free_port
 from tests.conftest import Broker, WorkerFactory, WorkerProcess
 from tests.faults.conftest import wait_ready, worker_env
-from workers.keys import Keys
-from workers.startup import EXIT_WORKER_CONFIG
+from workers.lifecycle.startup import EXIT_WORKER_CONFIG
+from workers.protocol.keys import Keys
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def test_cuda_out_of_memory_halves_the_batch_and_retries(tiny_bert: Path) -> Non
     """No GPU can run here, so CUDA's out-of-memory error is raised by Encoder.forward_hook, the one
     injection point the encoder offers; everything else (tokenizer, model, packing) is real."""
     from workers.encoder import Encoder
-    from workers.model_info import resolve_model
+    from workers.protocol.model_info import resolve_model
 
     encoder = Encoder.load(resolve_model(str(tiny_bert)), "cpu")
     texts = [f"sentence number {i} " + "x " * (i % 5) for i in range(16)]
@@ -135,10 +135,10 @@ def test_cuda_out_of_memory_halves_the_batch_and_retries(tiny_bert: Path) -> Non
 
 def test_the_gpu_memory_check_asks_nvidia_smi_not_torch(tmp_path: Path, tiny_bert: Path) -> None:
     """No GPU here: a stand-in `nvidia-smi` on PATH reports 1 MiB free, as the real one would print it."""
-    from workers import memory
-    from workers.config import Settings
-    from workers.errors import InsufficientMemory
-    from workers.model_info import resolve_model
+    from workers.lifecycle import memory
+    from workers.protocol.config import Settings
+    from workers.protocol.errors import InsufficientMemory
+    from workers.protocol.model_info import resolve_model
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 1\n")

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from producer.local_cluster import worker_command
+from producer.local.cluster import worker_command
 from tests.conftest import ROOT, wait_until, write_texts_jsonl
 from tests.fleet.netns import Host, Network
-from workers.keys import Keys
-from workers.liveness import live_workers
+from workers.protocol.keys import Keys
+from workers.protocol.liveness import live_workers
 
 #: 24 chunks of 32 documents: about 0.3-0.6 s of compute per chunk on one thread.
 TEXTS = [f"fleet document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 6) for i in range(768)]
@@ -103,7 +103,8 @@ class Fleet:
         }
         command = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(out), "--broker", self.url]
         process = subprocess.Popen(
-            [*command, "--chunk-size", str(chunk_rows), "--no-progress", *extra],
+            # --wait-for-workers: hosts may still be starting their workers when a job is sent
+            [*command, "--chunk-size", str(chunk_rows), "--no-progress", "--wait-for-workers", "60", *extra],
             env=env,
             text=True,
             stdout=subprocess.PIPE,

@@ -14,6 +14,7 @@ when a test fails (the fixtures call it in a finally).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -23,13 +24,30 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.embedded_redis import valkey_binary
-from producer.processes import start_process, stop_process
+from producer.local.embedded_redis import valkey_binary
+from producer.local.processes import start_process, stop_process
 
 SUBNET = "198.18.0"
 BRIDGE_ADDRESS = f"{SUBNET}.254"
 REDIS_PORT = 6379
 CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+LOCK_PATH = Path("/tmp/embedq-fleet-network.lock")
+LOCK_WAIT_S = 900.0
+
+
+def _exclusive(path: Path, wait_s: float) -> int:
+    """An exclusive flock on `path` (a file descriptor to close), waiting at most `wait_s` for it."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise TimeoutError(f"another test run has held {path} for {wait_s:g} s") from None
+            time.sleep(0.5)
 
 
 def _ip(*args: str) -> None:
@@ -95,6 +113,9 @@ class Network:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Every network on this machine uses 198.18.0.0/24 from the root namespace: two at once would
+        # fight over its route, so a second test run waits for the first one's network to close.
+        self._lock = _exclusive(LOCK_PATH, LOCK_WAIT_S)
         self.tag = uuid.uuid4().hex[:5]
         self.bridge = f"eqb{self.tag}"
         self.hosts: dict[str, Host] = {}
@@ -200,3 +221,4 @@ class Network:
                 _ip("netns", "del", host.namespace)
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
             _ip("link", "del", self.bridge)
+        os.close(self._lock)  # releases the flock

@@ -6,12 +6,15 @@ that no result key is left in Redis; each leaves the fleet healthy for the next 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.fleet.conftest import assert_same_output
 from tests.fleet.harness import TEXTS, Fleet, JobRun
 
@@ -34,6 +37,19 @@ def _wait_holding(fleet: Fleet, host: str, timeout_s: float = 60) -> None:
     assert wait_until(lambda: host in fleet.holders(), timeout_s, 0.05), fleet.log(host)[-2000:]
 
 
+def _status_of_newest_job(fleet: Fleet) -> str:
+    client = fleet.client()
+    try:
+        (job,) = client.zrevrange(f"{fleet.prefix}:jobs", 0, 0)
+    finally:
+        client.close()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EMBEDQ_KEY_PREFIX": fleet.prefix}
+    command = [sys.executable, "-m", "producer.cli", "status", job.decode(), "--broker", fleet.url]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _wait_no_result_keys(fleet: Fleet, timeout_s: float = 30) -> None:
     assert wait_until(lambda: not fleet.result_keys(), timeout_s, 0.5), fleet.result_keys()
 
@@ -41,7 +57,7 @@ def _wait_no_result_keys(fleet: Fleet, timeout_s: float = 30) -> None:
 def test_clean_run_matches_the_encoder_in_process(fleet: Fleet, clean_run: JobRun) -> None:
     # given the fleet's clean output, when the first and the last chunk are embedded in this process
     from workers.encoder import Encoder
-    from workers.model_info import resolve_model
+    from workers.protocol.model_info import resolve_model
 
     encoder = Encoder.load(resolve_model(""), "cpu")
     head, tail = encoder.encode(TEXTS[:32]).embeddings, encoder.encode(TEXTS[-32:]).embeddings
@@ -137,9 +153,15 @@ def test_a_slow_host_gets_a_backup_copy_of_its_straggler(fleet: Fleet, clean_run
     fleet.network.throttle(host2, 5)
     try:
         # when a job runs
-        run = fleet.run_job("slow")
+        started = time.monotonic()
+        process, out = fleet.start_job("slow")
+        _wait_holding(fleet, "host2")
+        # (an operator asking meanwhile sees who holds which chunk, since when, and how often it was sent)
+        status = _status_of_newest_job(fleet)
+        run = fleet.finish(process, out, started)
     finally:
         fleet.network.unthrottle(host2)
+    assert "LEASE AGE" in status and "host2" in status, status
     # then host1 finishes host2's chunk as a backup, and the output is exact
     assert_same_output(run, clean_run)
     assert _resent(run).get("straggler_backup", 0) >= 1, run.manifest()

@@ -1,0 +1,1 @@
+"""The `embedq` command line: argument parsing and the subcommands, nothing else."""

@@ -1,0 +1,388 @@
+"""The Python client for web apps: `EmbedClient(broker_url).embed(texts)` and an asyncio twin.
+
+A request is a tiny job: its texts are validated, looked up in the optional cache, split into
+chunks sent to the `interactive` queue (workers take it before `bulk`), and the completion events
+of its job are awaited on the job's Redis list; arrays come from the result store and their keys are
+deleted. Nothing here imports torch.
+
+    client = EmbedClient("redis://localhost:6379/0")
+    vectors = client.embed(["a sentence", "another"], timeout=10)     # (2, dim) float32
+
+    handle = client.submit(texts)          # returns at once
+    handle.ready()                         # True once every chunk is back
+    handle.result(timeout=10)
+
+In FastAPI/Starlette views use `producer.serve.async_client.AsyncEmbedClient` (`await client.embed(texts)`):
+waiting happens on redis.asyncio, so the event loop is never blocked. In Flask/Django use `EmbedClient` (thread-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import redis
+from celery import Celery
+
+from producer.job.broker import send_chunk, sender_app
+from producer.job.readers import check_text
+from producer.serve.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
+from workers.protocol import events
+from workers.protocol.config import Settings
+from workers.protocol.errors import (
+    BrokerUnavailable,
+    EmbedqError,
+    InvalidRecords,
+    JobFailed,
+    ModelError,
+    RequestTimeout,
+    ResultMissing,
+)
+from workers.protocol.keys import Keys, connect
+from workers.protocol.model_info import DEFAULT_MODEL_NAME, ModelInfo
+from workers.protocol.model_registry import describe
+from workers.protocol.queues import INTERACTIVE, queue_depth
+from workers.protocol.store import RedisStore
+
+#: Texts per task: small, so that a large request spreads over every worker.
+DEFAULT_CHUNK_ROWS = 32
+
+
+def validate_texts(texts: Any) -> list[str]:
+    """`texts` as a list of strings, or InvalidRecords naming each bad index and why."""
+    if not isinstance(texts, (str, list, tuple)):
+        raise InvalidRecords([(0, f"expected a string or a list of strings, got {type(texts).__name__}")])
+    items = [texts] if isinstance(texts, str) else texts
+    problems = []
+    # One check for a single string and for each list item: a lone surrogate is refused either way.
+    for index, value in enumerate(items):
+        reason = check_text(value, "input")
+        if reason:
+            problems.append((index, reason.replace("field 'input' ", "")))
+    if problems:
+        raise InvalidRecords(problems)
+    return list(items)
+
+
+def served_model(settings: Settings) -> ModelInfo:
+    """The model the workers are asked for: read from its folder, else as the fleet announced it (a light
+    install); one that neither describes is named only, and its width learnt from the first result."""
+    try:
+        return describe(settings)
+    except (ModelError, BrokerUnavailable):
+        name = settings.model.rstrip("/").rsplit("/", 1)[-1] or DEFAULT_MODEL_NAME
+        return ModelInfo(name, settings.model, False, "", 0, 0)
+
+
+@dataclass
+class _Request:
+    """One request's bookkeeping: which unique texts each chunk carries and what came back."""
+
+    job: str
+    texts: list[str]
+    #: Position of each input in `unique`.
+    slots: list[int]
+    unique: list[str]
+    vectors: list[np.ndarray | None]
+    chunks: dict[int, list[int]] = field(default_factory=dict)
+    tokens: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return not self.chunks or bool(self.failures)
+
+    def matrix(self, dim_hint: int) -> np.ndarray:
+        if self.failures:
+            raise JobFailed(f"request {self.job}: {'; '.join(self.failures)}")
+        if not self.texts:
+            return np.zeros((0, dim_hint), dtype=np.float32)
+        rows = [self.vectors[slot] for slot in self.slots]
+        return np.stack(rows).astype(np.float32, copy=False)  # type: ignore[arg-type]
+
+
+class _Core:
+    """What the sync and async clients share: settings, planning, cache and event handling."""
+
+    def __init__(
+        self,
+        broker_url: str | None,
+        *,
+        key_prefix: str | None,
+        model: str | None,
+        normalize: bool,
+        cache: bool,
+        cache_ttl_s: int,
+        chunk_rows: int,
+        settings: Settings | None,
+    ) -> None:
+        base = settings or Settings.from_env()
+        changes = {k: v for k, v in (("broker_url", broker_url), ("key_prefix", key_prefix), ("model", model)) if v}
+        self.settings = base.replace(**changes) if changes else base
+        self.keys = Keys(self.settings.key_prefix)
+        self.model = served_model(self.settings)
+        self.dim = self.model.dim
+        self.chunk_rows = max(1, chunk_rows)
+        self.options: dict[str, Any] = {"model": self.model.name, "normalize": normalize, "results": "redis"}
+        if self.model.pooling:
+            self.options.update(pooling=self.model.pooling, max_length=self.model.max_length)
+        self.cache = EmbeddingCache(self.keys, self.model.name, self.options, cache_ttl_s) if cache else None
+        self.cache_ttl_s = cache_ttl_s
+        self.app = sender_app(self.settings)
+        self.requests = 0
+        self.texts = 0
+
+    def plan(self, texts: Any) -> _Request:
+        valid = validate_texts(texts)
+        unique: dict[str, int] = {}
+        slots = [unique.setdefault(text, len(unique)) for text in valid]
+        self.requests += 1
+        self.texts += len(valid)
+        return _Request(f"req-{uuid.uuid4().hex[:20]}", valid, slots, list(unique), [None] * len(unique))
+
+    def apply_cache(self, request: _Request, values: Sequence[bytes | None]) -> dict[str, int]:
+        """Fill the request from the cache's MGET replies; returns the fleet counters to add."""
+        assert self.cache is not None
+        for slot, vector in enumerate(self.cache.decode(values)):
+            request.vectors[slot] = vector
+        hits = sum(1 for v in values if v is not None)
+        return self.cache.stat_changes(hits, len(values) - hits)
+
+    def chunk_up(self, request: _Request) -> list[tuple[int, list[str]]]:
+        """Chunks of the texts still missing; records which slots each chunk fills."""
+        missing = [slot for slot, vector in enumerate(request.vectors) if vector is None]
+        sends = []
+        for index, start in enumerate(range(0, len(missing), self.chunk_rows)):
+            slots = missing[start : start + self.chunk_rows]
+            request.chunks[index] = slots
+            sends.append((index, [request.unique[slot] for slot in slots]))
+        return sends
+
+    def send(self, request: _Request, sends: list[tuple[int, list[str]]], expires_s: float | None = None) -> None:
+        # Expiring with the request: a worker that gets to it after the caller gave up discards it,
+        # so abandoned requests leave no work, no stored array and no events behind.
+        for index, texts in sends:
+            send_chunk(self.app, request.job, index, texts, self.options, queue=INTERACTIVE, expires_s=expires_s)
+
+    def waits(self, request: _Request, timeout_s: float | None) -> Iterator[float]:
+        """How long to wait for each next event until the request is done; RequestTimeout past `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        # Short waits: a client's socket timeout may be shorter than the request's (redis-py 8 sets one).
+        while not request.done:
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.timeout_error(request, timeout_s or 0.0)
+            yield min(1.0, max(0.01, remaining))
+
+    def on_event(
+        self, request: _Request, event: events.ChunkEvent, array: np.ndarray | None
+    ) -> list[tuple[str, bytes]]:
+        """Fold one completion event into the request; returns the cache entries (key, value) to set."""
+        chunk = event["chunk"]
+        slots = request.chunks.pop(chunk, None)
+        if slots is None:
+            return []  # a duplicate delivery of a chunk already received
+        if event["type"] == "failed":
+            request.failures.append(f"chunk {chunk} failed: {event['reason']}")
+            return []
+        if array is None:
+            raise ResultMissing(f"request {request.job} chunk {chunk} reported done but its result is gone")
+        request.tokens += event["tokens"]
+        for row, slot in enumerate(slots):
+            request.vectors[slot] = array[row]
+        if not self.dim:
+            self.dim = int(array.shape[1])
+        if self.cache is None:
+            return []
+        return [(self.cache.key(request.unique[slot]), self.cache.encode(array[row])) for row, slot in enumerate(slots)]
+
+    def cleanup_keys(self, request: _Request) -> list[str]:
+        return [self.keys.events(request.job), self.keys.deliveries(request.job)]
+
+    def timeout_error(self, request: _Request, timeout_s: float) -> RequestTimeout:
+        return RequestTimeout(
+            f"no result for {len(request.chunks)} of the request's chunks after {timeout_s:g} s: are workers "
+            f"running and consuming the {INTERACTIVE!r} queue? (check GET /health or `embedq status`)"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        cache = self.cache.stats if self.cache else CacheStats()
+        return {
+            "requests": self.requests,
+            "texts": self.texts,
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "cache_hit_rate": round(cache.hit_rate, 4),
+        }
+
+
+class EmbedHandle:
+    """A submitted request: `ready()` without waiting, `result(timeout)` waiting."""
+
+    def __init__(self, client: EmbedClient, request: _Request) -> None:
+        self._client = client
+        self._request = request
+
+    @property
+    def job(self) -> str:
+        return self._request.job
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the workers embedded for this request (cached texts cost none)."""
+        return self._request.tokens
+
+    def ready(self) -> bool:
+        """True once every chunk is back (or one failed); never blocks."""
+        while not self._request.done and self._client._take(self._request, timeout_s=None):
+            pass
+        return self._request.done
+
+    def result(self, timeout: float | None = 30.0) -> np.ndarray:
+        """The (n, dim) float32 matrix in input order; RequestTimeout after `timeout` seconds."""
+        try:
+            for wait_s in self._client._core.waits(self._request, timeout):
+                self._client._take(self._request, timeout_s=wait_s)
+        finally:
+            self._client._finish(self._request)
+        return self._request.matrix(self._client.dim)
+
+
+class _ClientBase:
+    """What both clients share: the request core built from the same arguments, and its properties."""
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        key_prefix: str | None = None,
+        model: str | None = None,
+        normalize: bool = True,
+        cache: bool = False,
+        cache_ttl_s: int = DEFAULT_TTL_S,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        settings: Settings | None = None,
+    ) -> None:
+        self._core = _Core(
+            broker_url,
+            key_prefix=key_prefix,
+            model=model,
+            normalize=normalize,
+            cache=cache,
+            cache_ttl_s=cache_ttl_s,
+            chunk_rows=chunk_rows,
+            settings=settings,
+        )
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the connections this kind of client waits on."""
+        raise NotImplementedError
+
+    @property
+    def model(self) -> ModelInfo:
+        return self._core.model
+
+    @property
+    def dim(self) -> int:
+        """Width of the vectors (learnt from the first result when the model folder is not local)."""
+        return self._core.dim
+
+    @property
+    def settings(self) -> Settings:
+        return self._core.settings
+
+    @property
+    def keys(self) -> Keys:
+        return self._core.keys
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Requests, texts, and cache hits, misses and hit rate of this client."""
+        return self._core.stats()
+
+    @property
+    def sender(self) -> Celery:
+        """The Celery app this client sends with (for control commands such as ping)."""
+        return self._core.app
+
+
+class EmbedClient(_ClientBase):
+    """Embeddings now, for web apps and scripts: thread-safe, blocking; see the module docstring."""
+
+    def _connect(self) -> None:
+        self.redis = connect(self._core.settings.broker_url)
+        self.store = RedisStore(self.redis, self._core.keys, self._core.settings.result_ttl_s)
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the interactive queue."""
+        return queue_depth(self.redis, self._core.keys, INTERACTIVE)
+
+    def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
+        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order."""
+        return self.submit(texts, expires_s=timeout).result(timeout)
+
+    def submit(self, texts: str | Sequence[str], expires_s: float | None = None) -> EmbedHandle:
+        """Send the request and return at once; InvalidRecords if any text is not a valid string.
+
+        With `expires_s`, workers discard the request's chunks they reach only after that many seconds.
+        """
+        core = self._core
+        request = core.plan(texts)
+        if core.cache is not None and request.unique:
+            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique)))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name, amount in core.apply_cache(request, values).items():
+                    pipe.hincrby(core.keys.stats(), name, amount)
+                pipe.execute()
+        core.send(request, core.chunk_up(request), expires_s)
+        return EmbedHandle(self, request)
+
+    def _take(self, request: _Request, timeout_s: float | None) -> bool:
+        """Handle one event; None means do not wait. False when there was none."""
+        key = self._core.keys.events(request.job)
+        if timeout_s is None:
+            raw = self.redis.lpop(key)
+        else:
+            item = self.redis.blpop([key], timeout=timeout_s)
+            raw = item[1] if item else None
+        if raw is None:
+            return False
+        event = events.parse(cast(bytes, raw))
+        array = self.store.get(request.job, event["chunk"]) if event["type"] == "done" else None
+        entries = self._core.on_event(request, event, array)
+        self.store.delete(request.job, event["chunk"])
+        if entries:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key, value in entries:
+                    pipe.set(key, value, ex=self._core.cache_ttl_s)
+                pipe.execute()
+        return True
+
+    def _finish(self, request: _Request) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):  # they expire on their own anyway
+            self.redis.delete(*self._core.cleanup_keys(request))
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> EmbedClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "EmbedClient",
+    "EmbedHandle",
+    "EmbedqError",
+    "InvalidRecords",
+    "RequestTimeout",
+    "validate_texts",
+]

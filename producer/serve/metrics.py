@@ -1,0 +1,120 @@
+"""embedq's own Prometheus metrics, read from Redis at scrape time (Flower serves Celery's).
+
+Workers add to one counters hash (`Keys.stats()`: docs, tokens, padded tokens, batches, encode
+milliseconds, failures, model loads) as they finish chunks; clients add cache hits and misses.
+Reading it at scrape time means any gateway reports the whole fleet, and nothing is lost when a
+gateway restarts. Rates (docs/s, tokens/s) are Prometheus' job: `rate(embedq_docs_total[1m])`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from workers.protocol.events import RESEND_REASONS
+from workers.protocol.keys import Keys
+from workers.protocol.liveness import live_workers
+from workers.protocol.queues import QUEUES, queue_depth
+
+#: stats field -> (metric name, help, scale)
+_COUNTERS = {
+    "docs": ("embedq_docs", "Documents embedded", 1.0),
+    "tokens": ("embedq_tokens", "Real (unpadded) tokens embedded", 1.0),
+    "padded_tokens": ("embedq_padded_tokens", "Tokens run through the model, padding included", 1.0),
+    "batches": ("embedq_batches", "Forward batches run", 1.0),
+    "chunks_done": ("embedq_chunks_done", "Chunks embedded and stored", 1.0),
+    "chunks_failed": ("embedq_chunks_failed", "Chunks that failed for good", 1.0),
+    "chunks_quarantined": ("embedq_chunks_quarantined", "Chunks quarantined after killing their worker", 1.0),
+    "copies_dropped": (
+        "embedq_chunk_copies_dropped",
+        "Late or duplicate chunk copies dropped unstored (first result wins)",
+        1.0,
+    ),
+    "encode_ms": ("embedq_encode_seconds", "Time spent encoding chunks", 0.001),
+    "cache_hits": ("embedq_cache_hits", "Texts served from the embeddings cache", 1.0),
+    "cache_misses": ("embedq_cache_misses", "Texts looked up in the cache and not found", 1.0),
+    "model_loads": ("embedq_model_loads", "Models loaded by pool children", 1.0),
+    "model_load_ms": ("embedq_model_load_seconds", "Time pool children spent loading models", 0.001),
+}
+
+
+def read_stats(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The fleet counters hash, decoded."""
+    raw = cast(dict[bytes, bytes], client.hgetall(keys.stats()))
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+class FleetCollector(Collector):
+    """Collects embedq's fleet counters and queue depths from Redis on each scrape."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = read_stats(self.client, self.keys)
+            depths = {queue: queue_depth(self.client, self.keys, queue) for queue in QUEUES}
+            alive = float(len(live_workers(self.client, self.keys)))
+            up = 1.0
+        except (redis.exceptions.RedisError, OSError):
+            stats, depths, up, alive = {}, {}, 0.0, 0.0
+        yield GaugeMetricFamily("embedq_broker_up", "1 when the broker answered this scrape", value=up)
+        yield GaugeMetricFamily(
+            "embedq_workers_alive",
+            "Worker main processes whose liveness key has not expired (a lost host drops out within the lease TTL)",
+            value=alive,
+        )
+        resent = CounterMetricFamily(
+            "embedq_chunks_resent", "Chunk copies the producers sent again, by reason", labels=["reason"]
+        )
+        for reason in RESEND_REASONS:
+            resent.add_metric([reason], float(stats.get(f"resent_{reason}", 0)))
+        yield resent
+        for field, (name, help_text, scale) in _COUNTERS.items():
+            yield CounterMetricFamily(name, help_text, value=stats.get(field, 0) * scale)
+        padded = stats.get("padded_tokens", 0)
+        yield GaugeMetricFamily(
+            "embedq_padding_ratio",
+            "Share of model tokens that were padding (0 is perfect packing)",
+            value=1.0 - stats.get("tokens", 0) / padded if padded else 0.0,
+        )
+        batches = stats.get("batches", 0)
+        yield GaugeMetricFamily(
+            "embedq_batch_rows_mean",
+            "Mean documents per forward batch",
+            value=stats.get("docs", 0) / batches if batches else 0.0,
+        )
+        looked_up = stats.get("cache_hits", 0) + stats.get("cache_misses", 0)
+        yield GaugeMetricFamily(
+            "embedq_cache_hit_ratio",
+            "Cache hits over lookups, since the counters began",
+            value=stats.get("cache_hits", 0) / looked_up if looked_up else 0.0,
+        )
+        loads = stats.get("model_loads", 0)
+        yield GaugeMetricFamily(
+            "embedq_model_load_seconds_mean",
+            "Mean seconds a pool child took to load its model",
+            value=stats.get("model_load_ms", 0) / 1000.0 / loads if loads else 0.0,
+        )
+        lanes = GaugeMetricFamily("embedq_queue_depth", "Messages waiting per lane", labels=["lane"])
+        for queue, depth in depths.items():
+            lanes.add_metric([queue], float(depth))
+        yield lanes
+
+
+def fleet_registry(client: redis.Redis, keys: Keys) -> CollectorRegistry:
+    """A registry holding only the fleet collector (the gateway adds its own request metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(client, keys))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text exposition of `registry`."""
+    return generate_latest(registry)

@@ -1,0 +1,236 @@
+"""The encoder: `encode(texts) -> float32 array`, knowing nothing of Celery, the same for every runtime.
+
+Each chunk is tokenized once, sorted by length, packed under a token budget, run by the chosen
+runtime's backend (workers/encoder/backend.py), normalised in fp32, and put back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from workers.encoder.backend import Backend, choose_runtime
+from workers.encoder.batching import pack_by_tokens
+from workers.encoder.torch_backend import TorchBackend, is_out_of_memory, load_module, resolve_device, resolve_dtype
+from workers.protocol.errors import ConfigError, InputError, ModelError
+from workers.protocol.model_info import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Embeddings in input order plus what it cost."""
+
+    embeddings: np.ndarray
+    tokens: int
+    padded_tokens: int
+    truncated: int
+    batches: int
+    dtype: str
+
+
+def _load_backend(runtime: str, info: ModelInfo, threads: int, uses_token_types: bool, cache_dir: str) -> Backend:
+    """The non-torch backend `runtime`, converting the model on first use (imports its package only now)."""
+    if runtime == "openvino":
+        from workers.encoder.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend.load(info, threads, uses_token_types, cache_dir)
+    from workers.encoder.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend.load(info, threads, uses_token_types, cache_dir)
+
+
+class Encoder:
+    """One model and its runtime(s); build it once per process with `Encoder.load`."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        tokenizer: object,
+        device: torch.device,
+        *,
+        runtime: str = "torch",
+        threads: int = 1,
+        cache_dir: str = "",
+    ) -> None:
+        self.info = info
+        self.tokenizer = tokenizer
+        self.device = device
+        self.runtime = runtime
+        self.threads = threads
+        self.cache_dir = cache_dir
+        #: The runtime that serves the default dtype (what `runtime` resolved to), set by `load`.
+        self.runtime_name = runtime
+        self.dim = info.dim
+        self.pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
+        self.uses_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        # A fast tokenizer is not safe to share between threads ("Already borrowed").
+        self._tokenizer_lock = threading.Lock()
+        self._backends: dict[str, Backend] = {}
+        self._backends_lock = threading.Lock()
+        #: Replaced by tests to inject faults into the forward pass (a GPU cannot run here); gets the input ids.
+        self.forward_hook: Callable[[np.ndarray], None] | None = None
+
+    @classmethod
+    def load(
+        cls,
+        info: ModelInfo,
+        device: str = "auto",
+        *,
+        runtime: str = "torch",
+        dtype: str = "fp32",
+        threads: int | None = None,
+        cache_dir: str = "",
+    ) -> Encoder:
+        """Load the tokenizer and the backend that serves `dtype` under `runtime` (others load on first use).
+
+        `runtime="auto"` picks the fastest exact runtime installed (backend.AUTO_ORDER), and falls back to
+        torch, with a warning, if the model cannot be converted for it; an explicit runtime raises instead.
+        """
+        from transformers import AutoTokenizer
+
+        started = time.monotonic()
+        target = resolve_device(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=info.is_local)
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"model {info.path!r}: cannot load ({first_line})") from error
+        encoder = cls(
+            info,
+            tokenizer,
+            target,
+            runtime=runtime,
+            threads=threads or torch.get_num_threads(),
+            cache_dir=cache_dir,
+        )
+        chosen = encoder.backend(resolve_dtype(dtype, target))
+        encoder.runtime_name = chosen.name
+        log.info("loaded %s on %s (%s) in %.1f s", info.name, target, chosen.name, time.monotonic() - started)
+        return encoder
+
+    def backend(self, dtype: str) -> Backend:
+        """The backend that runs `dtype` (already resolved), loaded once and kept."""
+        name = choose_runtime(self.runtime, self.device.type, dtype)
+        with self._backends_lock:
+            if name not in self._backends:
+                self._backends[name] = self._new_backend(name)
+            return self._backends[name]
+
+    def _new_backend(self, name: str) -> Backend:
+        if name != "torch":
+            try:
+                return _load_backend(name, self.info, self.threads, self.uses_token_types, self.cache_dir)
+            except ModelError as error:
+                if self.runtime != "auto":
+                    raise
+                log.warning("%s; EMBEDQ_RUNTIME=auto falls back to torch", error)
+                name = "torch"
+        if "torch" not in self._backends:
+            self._backends["torch"] = TorchBackend(load_module(self.info), self.device, self.uses_token_types)
+        return self._backends["torch"]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch module (loaded if the encoder runs another runtime): what the other runtimes convert."""
+        with self._backends_lock:
+            backend = self._backends.get("torch") or self._new_backend("torch")
+        assert isinstance(backend, TorchBackend)
+        return backend.model
+
+    def warm_up(self, batch_tokens: int, dtype: str) -> None:
+        """Run the largest batch the budget allows once (longest rows, most attention), so that the runtime's
+        buffers reach their high-water mark now: a long job's RSS then stays flat instead of stepping up
+        whenever a longer batch first comes along (measured: +19 MB per 100 chunks without, OpenVINO fp32)."""
+        chosen_dtype = resolve_dtype(dtype, self.device)
+        longest = max(2, min(self.info.max_length, batch_tokens))
+        rows = max(1, batch_tokens // longest)
+        input_ids = np.full((rows, longest), self.pad_id, dtype=np.int64)
+        self.backend(chosen_dtype).embed(input_ids, np.ones_like(input_ids), "mean", chosen_dtype)
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+        """Token ids per text (truncated to `max_length`) and how many texts were truncated."""
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"record {index}: text must be a string, got {type(text).__name__}")
+        # sentence-transformers strips every text before tokenizing; so do we, to match it exactly.
+        stripped = [text.strip() for text in texts]
+        with self._tokenizer_lock:
+            try:
+                encoded = self.tokenizer(  # type: ignore[operator]
+                    stripped,
+                    truncation=True,
+                    max_length=max_length,
+                    padding=False,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                )
+            except (UnicodeEncodeError, TypeError) as error:
+                raise InputError(f"a text cannot be tokenized: {error}") from error
+        ids: list[list[int]] = encoded["input_ids"]
+        if getattr(encoded, "encodings", None):
+            truncated = sum(1 for enc in encoded.encodings if enc.overflowing)
+        else:  # slow tokenizers keep no overflow record; count by the untruncated length
+            truncated = sum(1 for row in ids if len(row) >= max_length)
+        return ids, truncated
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        pooling: str = "mean",
+        normalize: bool = True,
+        max_length: int | None = None,
+        dtype: str = "fp32",
+        batch_tokens: int = 2048,
+    ) -> EncodeResult:
+        """Embed `texts` in input order: float32 rows, L2-normalised unless `normalize` is False."""
+        if pooling not in ("cls", "mean", "max"):
+            raise ConfigError(f"pooling {pooling!r}: choose cls, mean or max")
+        chosen_dtype = resolve_dtype(dtype, self.device)
+        backend = self.backend(chosen_dtype)
+        ids, truncated = self.tokenize(texts, max_length or self.info.max_length)
+        lengths = [len(row) for row in ids]
+        output = np.empty((len(ids), self.dim), dtype=np.float32)
+        padded = 0
+        batches = pack_by_tokens(lengths, batch_tokens)
+        for batch in batches:
+            padded += self._run_batch(backend, ids, batch, output, pooling, chosen_dtype)
+        if normalize and len(ids):
+            # As torch.nn.functional.normalize: divide by the norm, never by less than 1e-12.
+            output /= np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
+        return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype)
+
+    def _run_batch(
+        self, backend: Backend, ids: list[list[int]], batch: list[int], output: np.ndarray, pooling: str, dtype: str
+    ) -> int:
+        """Embed one batch into `output`; on GPU out-of-memory, split it in halves and retry."""
+        rows = [ids[i] for i in batch]
+        longest = max(len(row) for row in rows)
+        input_ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        try:
+            if self.forward_hook is not None:
+                self.forward_hook(input_ids)
+            output[batch] = backend.embed(input_ids, mask, pooling, dtype)
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error) or len(batch) == 1:
+                raise
+            if isinstance(backend, TorchBackend):
+                backend.release_cache()
+            half = len(batch) // 2
+            log.warning("out of memory on a batch of %d rows; retrying as two batches", len(batch))
+            return self._run_batch(backend, ids, batch[:half], output, pooling, dtype) + self._run_batch(
+                backend, ids, batch[half:], output, pooling, dtype
+            )
+        return len(batch) * longest

@@ -1,0 +1,69 @@
+"""The models the fleet serves, as workers announce them: how a light install describes a model.
+
+A producer needs a model's width, pooling and length limit before it sends a chunk (the output file
+is laid out by width). It reads them from the model's folder when it has one; a light install
+(`pip install embedq`, no worker extra) has neither the packaged default nor the hub client, so it
+asks the fleet instead: each pool child records its model in the `Keys.models()` hash as it loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import cast
+
+import redis
+
+from workers.protocol.config import Settings
+from workers.protocol.errors import ConfigError, ModelNotInstalled
+from workers.protocol.keys import Keys, connect, redact
+from workers.protocol.model_info import DEFAULT_MODEL_NAME, ModelInfo, resolve_model
+
+
+def encode(model: ModelInfo) -> str:
+    """The JSON a worker announces for its model."""
+    return json.dumps(dataclasses.asdict(model), sort_keys=True)
+
+
+def decode(raw: bytes | str) -> ModelInfo:
+    """The model as announced, named but not local: its folder is on the worker's machine."""
+    data = json.loads(raw)
+    return ModelInfo(
+        str(data["name"]), str(data["name"]), False, str(data["pooling"]), int(data["max_length"]), int(data["dim"])
+    )
+
+
+def announce(pipe: redis.client.Pipeline, keys: Keys, model: ModelInfo) -> None:
+    """Queue the announcement of `model` on `pipe` (a worker does it with its other start-up counters)."""
+    pipe.hset(keys.models(), model.name, encode(model))
+
+
+def lookup(client: redis.Redis, keys: Keys, name: str) -> ModelInfo | None:
+    """The model `name` ("" for the default) as a worker announced it, or None."""
+    raw = cast(bytes | None, client.hget(keys.models(), name or DEFAULT_MODEL_NAME))
+    return decode(raw) if raw is not None else None
+
+
+def describe(settings: Settings, *, pooling: str = "auto", max_length: int | None = None) -> ModelInfo:
+    """`resolve_model(settings.model)`, or where this install cannot read the model, what the fleet
+    behind `settings.broker_url` announced for it (BrokerUnavailable when that broker is not there)."""
+    try:
+        return resolve_model(settings.model, pooling=pooling, max_length=max_length)
+    except ModelNotInstalled as error:
+        client = connect(settings.broker_url)
+        try:
+            found = lookup(client, Keys(settings.key_prefix), settings.model)
+        finally:
+            client.close()
+        if found is None:
+            raise ModelNotInstalled(
+                f"{error}; or start a worker for it first (none at {redact(settings.broker_url)} has announced it yet)"
+            ) from None
+    if max_length is not None and not 2 <= max_length <= found.max_length:
+        raise ConfigError(
+            f"--max-length {max_length}: the fleet's {found.name} takes 2 to {found.max_length} here "
+            "(without the model's files this install cannot read its positions)"
+        )
+    return dataclasses.replace(
+        found, pooling=found.pooling if pooling == "auto" else pooling, max_length=max_length or found.max_length
+    )
