@@ -74,8 +74,10 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
     # Counted per message: a redelivery after a worker died keeps the task id and the retry number,
     # while a deliberate retry or a resend by the producer is a new message with a fresh count.
     field = delivery_field(chunk, self.request.id, self.request.retries)
-    started = ctx.coordination.hincrby(deliveries_key, field, 1)
-    ctx.coordination.expire(deliveries_key, events.EVENTS_TTL_S)
+    with ctx.coordination.pipeline(transaction=False) as pipe:  # one round trip
+        pipe.hincrby(deliveries_key, field, 1)
+        pipe.expire(deliveries_key, events.EVENTS_TTL_S)
+        started = int(pipe.execute()[0])
     if started > ctx.settings.max_deliveries:
         reason = (
             f"its worker died {started - 1} times while running it "

@@ -57,6 +57,11 @@ UNSTARTED_TTLS = 3
 TICK_S = 1.0
 
 
+def straggler_threshold_s(median_s: float) -> float:
+    """Seconds after which a chunk whose size typically takes `median_s` gets a backup copy."""
+    return max(SPECULATION_MULTIPLIER * median_s, median_s + SPECULATION_MIN_EXTRA_S)
+
+
 @dataclass
 class Pending:
     """A chunk sent and not yet collected, with every copy (attempt) of it that may still be running."""
@@ -108,6 +113,9 @@ class Dispatcher:
         #: Chunks that failed for good: dicts of chunk, rows, reason, quarantined.
         self.failures: list[dict[str, Any]] = []
         self.done_ms: list[float] = []
+        #: Milliseconds per row of each collected chunk: tail chunks are smaller (producer/job/chunk_plan.py), so
+        #: the straggler rule compares a chunk with the typical time for its own number of rows.
+        self.done_ms_per_row: list[float] = []
         self.all_sent = False
         self.chunks_done = 0
         self._next_tick = 0.0
@@ -171,9 +179,11 @@ class Dispatcher:
     def collected(self, index: int, ms: float) -> Pending:
         """A chunk's first result is written: forget it, and remember its time for the straggler rule."""
         self.chunks_done += 1
+        pending = self.pending.pop(index)
         self.done_ms.append(ms)
+        self.done_ms_per_row.append(ms / max(1, len(pending.texts)))
         self._last_news = time.monotonic()
-        return self.pending.pop(index)
+        return pending
 
     def heard(self) -> None:
         self._last_news = time.monotonic()
@@ -261,18 +271,20 @@ class Dispatcher:
             return
         if self.chunks_done < SPECULATION_QUANTILE * total_chunks:
             return
-        median_s = statistics.median(self.done_ms) / 1000.0
-        threshold_s = max(SPECULATION_MULTIPLIER * median_s, median_s + SPECULATION_MIN_EXTRA_S)
+        per_row_s = statistics.median(self.done_ms_per_row) / 1000.0
         for pending in list(self.pending.values()):
             if pending.backup or not pending.held:
                 continue
+            median_s = per_row_s * len(pending.texts)  # the typical time of a chunk of this size
+            threshold_s = straggler_threshold_s(median_s)
             running_s = now - min(seen for seen, _ in pending.held.values())
             if running_s > threshold_s and not self._crashed_before(pending):
                 self.resend(
                     pending,
                     STRAGGLER_BACKUP,
                     f"still running after {running_s:.1f} s, {running_s / median_s if median_s else 0:.1f}x the "
-                    f"median chunk time ({median_s:.2f} s): a backup copy goes to the rest of the fleet",
+                    f"median time of a chunk of its size ({median_s:.2f} s): a backup copy goes to the rest of the "
+                    "fleet",
                 )
 
     def _watch_fleet(self, now: float) -> None:

@@ -46,6 +46,9 @@ class JobRecord:
     chunks: int | None = None
     wall_s: float | None = None
     failures: int | None = None
+    #: The chunk plan's tail (producer/job/chunk_plan.py): chunk counts of a running job follow the same plan.
+    tail_split: int = 0
+    min_chunk_rows: int = 0
 
     def to_hash(self) -> HashFields:
         """The fields to HSET: every field that has a value."""

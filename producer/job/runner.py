@@ -20,6 +20,7 @@ import redis
 
 from producer.job import record as job_record
 from producer.job.broker import sender_app
+from producer.job.chunk_plan import ChunkPlan
 from producer.job.dispatcher import RESULT_VANISHED, Dispatcher
 from producer.job.output import ChunkRecord, PartialOutput
 from producer.job.progress import Progress
@@ -81,6 +82,7 @@ class Job:
         )
         self.pending = self.dispatcher.pending
         self.total_hint = count_lines(input_path)
+        self.plan = ChunkPlan(options.chunk_rows, self.total_hint, options.tail_split, options.min_chunk_rows)
         self.progress = Progress(self.total_hint, enabled=progress)
 
     # -- reading -------------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class Job:
     def _chunks(self, partial: PartialOutput) -> Iterator[_Chunk]:
         texts: list[str] = []
         start = rows = index = 0
+        size = self.plan.size(0)
         for item in read_records(
             self.input_path,
             fmt=self.options.input_format,
@@ -108,8 +111,9 @@ class Job:
             partial.add_id(item.id)
             texts.append(item.text)
             rows += 1
-            if len(texts) == self.options.chunk_rows:
+            if len(texts) == size:
                 yield _Chunk(index, start, texts)
+                size = self.plan.size(rows)
                 index, start, texts = index + 1, rows, []
         if texts:
             yield _Chunk(index, start, texts)
@@ -201,22 +205,24 @@ class Job:
             str(event["dtype"]),
         )
         partial.write_chunk(record, array)
-        self._settle(chunk)
+        self._settle(chunk, count_done=True)
         self.dispatcher.collected(chunk, float(event.get("ms", 0.0)))
         self._count_finished(record, reused=False)
-        self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.DONE_CHUNKS, 1))
 
-    def _settle(self, chunk: int) -> None:
+    def _settle(self, chunk: int, *, count_done: bool = False) -> None:
         """First result wins: mark the chunk collected, then delete its result.
 
         In that order: a later copy checks the mark after its own write (workers/tasks.py) and deletes
         what it wrote, so whichever way the two interleave, no result key outlives the job.
+        `count_done` adds the job record's done counter to the mark's round trip.
         """
 
         def mark() -> None:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.sadd(self.keys.collected(self.job_id), str(chunk))
                 pipe.expire(self.keys.collected(self.job_id), events.EVENTS_TTL_S)
+                if count_done:
+                    pipe.hincrby(self.keys.job(self.job_id), job_record.DONE_CHUNKS, 1)
                 pipe.execute()
 
         self._with_broker(mark)
@@ -299,6 +305,8 @@ class Job:
                     started=time.time(),
                     total_hint=self.total_hint or 0,
                     chunk_rows=self.options.chunk_rows,
+                    tail_split=self.options.tail_split,
+                    min_chunk_rows=self.options.min_chunk_rows,
                 ).to_hash(),
             )
         )

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.job.chunk_plan import MIN_TAIL_ROWS
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.queues import BULK
 
@@ -24,6 +25,10 @@ class JobOptions:
     results: str = "redis"
     chunk_rows: int = 256
     max_in_flight: int = 8
+    #: Tail chunks shrink to what is left / tail_split (producer/job/chunk_plan.py); 0: every chunk full.
+    tail_split: int = 0
+    #: ... but never below this many rows (producer/job/chunk_plan.py MIN_TAIL_ROWS).
+    min_chunk_rows: int = MIN_TAIL_ROWS
     queue: str = BULK
     text_field: str = "text"
     id_field: str = "id"
@@ -88,6 +93,9 @@ def job_id_for(input_path: str, output: str, options: JobOptions) -> str:
         "output": os.path.abspath(output),
         "options": options.task_options(),
         "chunk_rows": options.chunk_rows,
+        # Part of the chunk plan: a rerun must cut the same chunks to reuse them by index.
+        "tail_split": options.tail_split,
+        "min_chunk_rows": options.min_chunk_rows,
         "fields": [options.text_field, options.id_field, options.input_format, options.on_invalid],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -7,13 +7,13 @@ as chunks are sent and collected, and the sorted set `Keys.jobs()` orders jobs b
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import cast
 
 import redis
 
+from producer.job.chunk_plan import MIN_TAIL_ROWS, ChunkPlan
 from producer.job.record import DONE, FAILED, RUNNING, JobRecord
 from workers.protocol.keys import Keys
 
@@ -55,8 +55,11 @@ def job_status(job: str, record: JobRecord, now: float | None = None) -> JobStat
     else:
         hint = record.total_hint
         docs_total = hint or None
-        total_chunks = math.ceil(hint / chunk_rows) if hint and chunk_rows else None
-        docs_done = done * chunk_rows if chunk_rows else 0
+        min_rows = record.min_chunk_rows or MIN_TAIL_ROWS
+        sizes = list(ChunkPlan(chunk_rows, hint, record.tail_split, min_rows).sizes()) if hint and chunk_rows else []
+        total_chunks = len(sizes) or None
+        # Chunks finish about in order: the first `done` of the plan (full chunks past a known total).
+        docs_done = sum(sizes[:done]) + max(0, done - len(sizes)) * chunk_rows if chunk_rows else 0
         if docs_total is not None:
             docs_done = min(docs_done, docs_total)
         elapsed = max(0.0, now - (record.started or now))

@@ -37,8 +37,14 @@ def _finished_chunks(out: Path) -> set[int]:
     return {json.loads(line)["chunk"] for line in lines if line.endswith("}")}
 
 
+#: Chunks of 8 that shrink at the tail (8, 6, 5, 4, 3, 2, 1, 1, 1, 1 for 32 texts): a rerun cuts the same ones.
+SHRINKING = ("--chunk-size", "8", "--min-chunk-size", "1", "--tail-chunks", "4")
+
+
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("plan", [(), SHRINKING], ids=["full-chunks", "shrinking-chunks"])
 def test_a_sigkilled_producer_run_again_resumes_and_recomputes_no_finished_chunk(
+    plan: tuple[str, ...],
     fault_broker: Broker,
     workers: WorkerFactory,
     producers: ProducerFactory,
@@ -52,7 +58,7 @@ def test_a_sigkilled_producer_run_again_resumes_and_recomputes_no_finished_chunk
     # visibility timeout is delivered again, which would blur what this test counts)
     wait_ready(worker)
     corpus, out = write_corpus(tmp_path / "in.jsonl"), tmp_path / "out.npy"
-    args = embed_args(corpus, out, fault_broker.url, tiny_bert)
+    args = embed_args(corpus, out, fault_broker.url, tiny_bert, *plan)
     env = {"EMBEDQ_KEY_PREFIX": fault_broker.prefix}
     first = producers.start(*args, env=env)
     assert wait_until(lambda: len(_finished_chunks(out)) >= 3, 60), first.stderr() + worker.log()[-2000:]
@@ -74,6 +80,9 @@ def test_a_sigkilled_producer_run_again_resumes_and_recomputes_no_finished_chunk
     # ... and the output is a clean run's
     assert_same_output(out, reference)
     assert json.loads(Path(f"{out}.manifest.json").read_text())["reused_chunks"] == reused
+    if plan:
+        chunks = json.loads(Path(f"{out}.manifest.json").read_text())["chunks"]
+        assert chunks == 10  # the shrinking plan, cut the same way by both runs
 
 
 @pytest.mark.timeout(90)

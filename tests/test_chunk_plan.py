@@ -1,0 +1,68 @@
+"""The chunk plan: full chunks, then chunks that shrink towards the end (guided self-scheduling)."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.job.chunk_plan import ChunkPlan
+from producer.job.dispatcher import SPECULATION_MULTIPLIER, straggler_threshold_s
+from producer.job.record import RUNNING, JobRecord
+from producer.job.status import job_status
+
+
+def test_chunks_are_full_until_the_tail_then_shrink_and_cover_every_row_once() -> None:
+    plan = ChunkPlan(max_rows=512, total=6000, tail_split=4, min_rows=64)
+    sizes = list(plan.sizes())
+    assert sum(sizes) == 6000
+    assert sizes[:8] == [512] * 8  # until a quarter of what is left is less than a full chunk
+    tail = sizes[8:]
+    assert tail == sorted(tail, reverse=True)  # shrinking, never growing again
+    assert tail[0] < 512 and min(tail[:-1]) == 64  # floored at min_rows (the last takes what is left)
+    # no tail chunk is longer than a quarter of what was left when it was cut
+    done = sum(sizes[:8])
+    for size in tail:
+        assert size <= max(64, -(-(6000 - done) // 4))
+        done += size
+
+
+def test_the_same_input_and_options_cut_the_same_chunks_wherever_a_run_starts_reading() -> None:
+    # A rerun reuses finished chunks by index: each size depends only on the rows before it.
+    plan = ChunkPlan(300, 5000, 4, 32)
+    sizes = list(plan.sizes())
+    assert list(ChunkPlan(300, 5000, 4, 32).sizes()) == sizes
+    done = 0
+    for size in sizes[:-1]:
+        assert ChunkPlan(300, 5000, 4, 32).size(done) == size
+        done += size
+    assert sizes != list(ChunkPlan(300, 5000, 2, 32).sizes())  # hence tail_split is part of the job id
+
+
+@pytest.mark.parametrize(
+    ("plan", "why"),
+    [
+        (ChunkPlan(512, None, 4), "stdin: the total is unknown"),
+        (ChunkPlan(512, 6000, 0), "no tail split asked for"),
+        (ChunkPlan(32, 6000, 4, min_rows=64), "--chunk-size at or below the floor"),
+    ],
+)
+def test_chunks_stay_full_when_the_plan_cannot_or_need_not_shrink(plan: ChunkPlan, why: str) -> None:
+    assert {plan.size(done) for done in range(0, 6000, 97)} == {plan.max_rows}, why
+
+
+def test_a_tail_chunk_is_a_straggler_only_against_the_time_of_its_own_size() -> None:
+    # Backups compare a chunk with the median time per row times its rows: a full chunk that takes as
+    # long as full chunks do is not a straggler although the small tail chunks finish much sooner.
+    per_row_s = 0.01
+    full, tail = 512 * per_row_s, 64 * per_row_s
+    assert straggler_threshold_s(full) > full
+    assert straggler_threshold_s(full) == pytest.approx(SPECULATION_MULTIPLIER * full)
+    assert straggler_threshold_s(tail) < full  # a tail chunk running as long as a full one is late
+
+
+def test_status_of_a_running_job_counts_the_chunks_of_its_plan() -> None:
+    record = JobRecord(
+        "in.jsonl", "out.npy", "tiny", RUNNING, 1000.0, 6000, 512, done_chunks=8, tail_split=4, min_chunk_rows=64
+    )
+    status = job_status("j", record, now=1010.0)
+    assert status.total_chunks == len(list(ChunkPlan(512, 6000, 4, 64).sizes())) == 19
+    assert status.docs_done == 8 * 512
