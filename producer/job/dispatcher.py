@@ -203,8 +203,10 @@ class Dispatcher:
                 )
             return
         if self.pending:
-            self._watch_leases(now, total_chunks)
-            self._watch_fleet(now)
+            # One read of the fleet per tick serves both rules below.
+            alive = {str(w.get("hostname")) for w in self._with_broker(lambda: live_workers(self.redis, self.keys))}
+            self._watch_leases(now, total_chunks, alive)
+            self._watch_fleet(now, alive)
         if now - self._last_news >= self.options.stall_timeout_s:
             for pending in list(self.pending.values()):
                 if now - pending.sent_at >= self.options.stall_timeout_s:
@@ -215,13 +217,12 @@ class Dispatcher:
                     )
             self._last_news = now
 
-    def _watch_leases(self, now: float, total_chunks: int | None) -> None:
+    def _watch_leases(self, now: float, total_chunks: int | None, alive: set[str]) -> None:
         copies = [(p, attempt) for p in self.pending.values() for attempt in p.attempts]
         names = [self.keys.lease(self.job_id, p.index, attempt) for p, attempt in copies]
         raw = cast("list[bytes | None]", self._with_broker(lambda: self.redis.mget(names)))
         waiting = None  # chunks with an event not yet popped: fetched only when needed
         queue_empty: bool | None = None
-        alive: set[str] | None = None
         for (pending, attempt), value in zip(copies, raw, strict=True):
             if value is not None:
                 if attempt not in pending.held:
@@ -238,7 +239,6 @@ class Dispatcher:
                 # A pool child that died on a live worker is requeued by Celery itself (reject on worker
                 # lost) and counted towards quarantine: wait for that, unless the worker goes too, or the
                 # copy stays unheld for two lease lifetimes (a child hung without the GIL).
-                alive = self._alive_nodes() if alive is None else alive
                 since = pending.suspect.setdefault(attempt, now)
                 if holder.get("worker") in alive and now - since < 2 * self.lease_ttl_s:
                     continue
@@ -287,8 +287,7 @@ class Dispatcher:
                     "fleet",
                 )
 
-    def _watch_fleet(self, now: float) -> None:
-        alive = self._with_broker(lambda: live_workers(self.redis, self.keys))
+    def _watch_fleet(self, now: float, alive: set[str]) -> None:
         if alive:
             self._last_worker_seen = now
             return
@@ -309,9 +308,6 @@ class Dispatcher:
         fields = [f"{pending.index}:{task_id_for(self.job_id, pending.index, a)}:0" for a in pending.attempts]
         counts = self._with_broker(lambda: self.redis.hmget(self.keys.deliveries(self.job_id), fields))
         return any(int(count or 0) > 1 for count in counts)
-
-    def _alive_nodes(self) -> set[str]:
-        return {str(w.get("hostname")) for w in self._with_broker(lambda: live_workers(self.redis, self.keys))}
 
     def _chunks_with_events(self) -> set[int]:
         raw = cast("list[bytes]", self._with_broker(lambda: self.redis.lrange(self.keys.events(self.job_id), 0, -1)))
