@@ -58,7 +58,8 @@ class WarmWorkers:
         """`embedq embed --broker` on warm workers; peak RSS of the producer process alone."""
         output = self.work / f"{name}.npy"
         argv = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(output)]
-        argv += ["--broker", self.server.url, "--dtype", dtype, "--no-progress"]
+        # The worker may still be loading its model (slowly, on a busy machine): wait for it, not exit 7.
+        argv += ["--broker", self.server.url, "--dtype", dtype, "--no-progress", "--wait-for-workers", "300"]
         timed = run_sampled(argv, env=self.env, log=self.work / f"{name}.log", sample_pid_rss=True)
         if timed.returncode != 0:
             raise SystemExit(f"bench: {name} failed (exit {timed.returncode}):\n{timed.output[-2000:]}")

@@ -103,6 +103,7 @@ def main() -> None:
         worker = start_process(argv, env=env, log_path=work / "worker.log")
         embed = [sys.executable, "-m", "producer.cli", "embed", str(corpus), "-o", str(work / "out.npy")]
         embed += ["--broker", server.url, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size), "--no-progress"]
+        embed += ["--wait-for-workers", "300"]  # the worker starts alongside: wait for it rather than exit 7
         print(
             f"memory: {args.chunks} chunks x {args.chunk_size} fortunes, {args.dtype}, runtime {args.runtime}, "
             f"worker env {args.env}"

@@ -117,7 +117,9 @@ def _embedq_inproc(texts: list[str], runtime: str, dtype: str) -> dict[str, Any]
     Start-up is a load from the conversion cache (bench/run.py converts first, untimed)."""
     from workers.encoder import Encoder
     from workers.protocol.config import Settings
+    from workers.runtime import bound_native_memory
 
+    bound_native_memory()  # as a worker child does: the same allocator and kernel-cache settings
     info = resolve_model("")
     started = time.perf_counter()
     encoder = Encoder.load(info, "cpu", runtime=runtime, dtype=dtype)
