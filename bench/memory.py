@@ -8,8 +8,9 @@ the worker's environment, e.g. `--env EMBEDQ_MAX_CHILD_MEMORY_MB=0` or `--env MA
 runs `embedq embed --broker` on chunks x chunk-size fortunes, and prints one line per sample (seconds,
 chunks done, RSS MB of each child) and a summary: RSS after the first chunk, at the end and at most,
 per child, docs/s, and how many models were loaded (more than the children means a child was recycled);
-then the curve: each child's RSS every `--every` chunks after warm-up, and the slope of a straight line
-fitted through it, in MB per 100 chunks of that child's own (its share of the chunks done).
+then the curve: each child's RSS (min-max) in every window of `--every` chunks after warm-up, and the slope
+of a straight line through the window floors (and through every sample), in MB per 100 chunks of that child's
+own (its share of the chunks done).
 """
 
 from __future__ import annotations
@@ -143,25 +144,36 @@ def summarise(samples: list[tuple[float, int, dict[int, float]]], docs_s: float,
 
 
 def curve(samples: list[tuple[float, int, dict[int, float]]], warmup: int, every: int) -> None:
-    """Per child: RSS at every `every` chunks done after `warmup`, and the fitted MB per 100 of its own chunks."""
+    """Per child: its RSS floor in every window of `every` chunks after `warmup`, and the slope through those floors.
+
+    A sample taken during a forward pass includes that batch's activations (a long text's batch adds 10-20 MB for
+    a moment); what a long job must not do is keep memory. So each window shows min-max of its samples, and the
+    slope (MB per 100 chunks of the child's own, i.e. its share of the chunks done) is fitted through the window
+    floors; the slope through every raw sample is printed beside it.
+    """
     import numpy as np
 
     pids = sorted({pid for _, _, sizes in samples for pid in sizes})
     share = max(1, len(pids))
-    print(f"\ncurve after {warmup} chunks (x = chunks done by all children; slope per 100 chunks of the child's own):")
+    print(
+        f"\ncurve after {warmup} chunks (x = chunks done by all children; RSS MB min-max per window of {every}; "
+        "slope per 100 chunks of the child's own):"
+    )
     for pid in pids:
         points = [(done, sizes[pid]) for _, done, sizes in samples if pid in sizes and done >= warmup]
         if len(points) < 2:
             print(f"child {pid}: too few samples after warm-up")
             continue
-        shown, next_mark = [], warmup
+        windows: dict[int, list[float]] = {}
         for done, size in points:
-            if done >= next_mark:
-                shown.append(f"{done}:{size:,.0f}")
-                next_mark = done + every
+            windows.setdefault(warmup + (done - warmup) // every * every, []).append(size)
+        shown = "  ".join(f"{start}:{min(sizes):,.0f}-{max(sizes):,.0f}" for start, sizes in sorted(windows.items()))
         xs = np.array([done for done, _ in points], dtype=float) / share
-        slope = float(np.polyfit(xs, [size for _, size in points], 1)[0]) * 100 if np.ptp(xs) else 0.0
-        print(f"child {pid}: RSS MB at chunks {'  '.join(shown)}  ->  {slope:+.1f} MB per 100 chunks")
+        raw = float(np.polyfit(xs, [size for _, size in points], 1)[0]) * 100 if np.ptp(xs) else 0.0
+        starts = np.array(sorted(windows), dtype=float) / share
+        floors = [min(windows[start]) for start in sorted(windows)]
+        floor = float(np.polyfit(starts, floors, 1)[0]) * 100 if len(starts) > 1 else 0.0
+        print(f"child {pid}: {shown}  ->  floor {floor:+.1f} MB per 100 chunks (every sample: {raw:+.1f})")
 
 
 if __name__ == "__main__":

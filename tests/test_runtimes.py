@@ -129,3 +129,25 @@ def test_the_runtime_setting_is_validated() -> None:
     with pytest.raises(ConfigError, match="runs on CPU only, but EMBEDQ_DEVICE=cuda"):
         Settings.from_env({"EMBEDQ_RUNTIME": "openvino", "EMBEDQ_DEVICE": "cuda"})
     assert os.environ.get("EMBEDQ_RUNTIME") is None
+
+
+def test_runtime_flag_reaches_the_workers_a_command_starts() -> None:
+    from producer.cli.main import _settings_from, build_parser, worker_argv
+
+    # given `embedq worker --runtime openvino` (the same flag `embedq embed` passes to its own workers)
+    args = build_parser().parse_args(["worker", "--broker", "redis://127.0.0.1:1/0", "--runtime", "openvino"])
+    # when it works out its command line
+    _, env, line = worker_argv(args, _settings_from(args, {}))
+    # then the children get the runtime through their environment, and the line names it
+    assert env["EMBEDQ_RUNTIME"] == "openvino"
+    assert "runtime openvino" in line
+
+
+def test_an_unknown_runtime_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from producer.cli.main import build_parser
+
+    # given a runtime embedq does not have, when the flags are parsed, then it stops with exit 2 naming the choices
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["embed", "in.jsonl", "-o", "out.npy", "--runtime", "tensorrt"])
+    assert stopped.value.code == 2
+    assert "onnxruntime" in capsys.readouterr().err

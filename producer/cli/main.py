@@ -16,7 +16,7 @@ from producer.cli import exitcodes
 from producer.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
 from producer.job.chunk_plan import MIN_TAIL_ROWS
 from workers.protocol import extras
-from workers.protocol.config import DTYPES, Settings
+from workers.protocol.config import DTYPES, RUNTIMES, Settings
 from workers.protocol.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -68,6 +68,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-tokens", type=int, default=None, help="padded tokens per forward batch (default: 2048, at least 16)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="inference runtime of the workers this command starts (default auto: the fastest exact one on CPU)",
+    )
 
 
 def _settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
@@ -78,6 +84,7 @@ def _settings_from(args: argparse.Namespace, environ: dict[str, str] | None = No
         ("model", "model"),
         ("dtype", "dtype"),
         ("batch_tokens", "batch_tokens"),
+        ("runtime", "runtime"),
     ):
         value = getattr(args, flag, None)
         if value is None:
@@ -374,7 +381,7 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
     line = (
         f"worker: pool {pool}{' (' + chosen.pool_start_method + ')' if pool == 'prefork' else ''}, "
         f"{concurrency} {'threads' if pool == 'threads' else 'children'} x {threads} torch threads, "
-        f"dtype {chosen.dtype}, broker {chosen.broker_url.split('@')[-1]}"
+        f"dtype {chosen.dtype}, runtime {chosen.runtime}, broker {chosen.broker_url.split('@')[-1]}"
     )
     return command, env, line
 
