@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from producer.cli import exitcodes
 from producer.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
 from producer.job.chunk_plan import MIN_TAIL_ROWS
+from producer.job.quantize import PRECISIONS
 from workers.protocol import extras
 from workers.protocol.config import DTYPES, Settings
 from workers.protocol.errors import (
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     embed = sub.add_parser("embed", help="embed a corpus file into .npy or .parquet")
-    embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, or - for stdin")
+    embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, .parquet, or - for stdin")
     embed.add_argument("-o", "--output", required=True, help="OUTPUT.npy or OUTPUT.parquet (checked before any start)")
     _add_model_flags(embed)
     embed.add_argument(
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--format",
         dest="input_format",
-        choices=("auto", "txt", "jsonl", "csv"),
+        choices=("auto", "txt", "jsonl", "csv", "parquet"),
         default="auto",
         help="input format; auto goes by the file suffix (stdin: JSONL if it starts with '{', else text)",
     )
@@ -177,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fail", "skip"),
         default="fail",
         help="fail: stop at the first invalid record; skip: set it aside in OUTPUT.rejects.jsonl",
+    )
+    embed.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="output values: int8/uint8 scaled by per-dimension ranges of the whole job (in the manifest), "
+        "binary/ubinary one bit per dimension (as sentence-transformers' quantize_embeddings)",
     )
     embed.add_argument("--results", default="redis", help="where workers leave chunk results: redis or disk:PATH")
     embed.add_argument(
@@ -264,15 +272,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
         extras.require("embedq embed without --broker (the embedded default)", "local")
     if kind == "parquet":
         extras.require("embedq embed -o OUTPUT.parquet", "parquet")
+    if detect_format(args.input, args.input_format) == "parquet":
+        extras.require("embedq embed INPUT.parquet", "parquet")
     parse_store_spec(args.results)
     check_results(args.results)
     # Fail fast, before anything starts: the input, the model, the output.
-    detect_format(args.input, args.input_format)
     if args.input != "-":
         open_input(args.input).close()
     # Read from the model's folder; a light install asks the fleet for what it cannot read.
     model = describe(settings, pooling=args.pooling, max_length=args.max_length)
-    check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim)
+    check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim, precision=args.precision)
     if args.on_invalid == "fail":
         check_first_records(
             args.input,
@@ -296,6 +305,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         id_field=args.id_field,
         input_format=args.input_format,
         on_invalid=args.on_invalid,
+        precision=args.precision,
         stall_timeout_s=args.stall_timeout,
         workers_lost_s=args.workers_lost_timeout,
     )

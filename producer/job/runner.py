@@ -122,7 +122,7 @@ class Job:
 
     def run(self) -> JobReport:
         started = time.monotonic()
-        partial = PartialOutput(self.output, self.options.model.dim, self.job_id)
+        partial = PartialOutput(self.output, self.options.model.dim, self.job_id, self.options.precision)
         self._record_job_start()
         earlier = self._earlier_results(partial)
         try:

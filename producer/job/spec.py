@@ -34,6 +34,9 @@ class JobOptions:
     id_field: str = "id"
     input_format: str = "auto"
     on_invalid: str = "fail"
+    #: Output precision (producer/job/quantize.py). Not part of the job's identity: the partial file is
+    #: float32 whatever it is, so a rerun with another precision reuses the chunks already finished.
+    precision: str = "float32"
     #: A chunk with no news for this long is sent again (its message may be lost).
     stall_timeout_s: float = 600.0
     #: With no live worker for this long (none started, or every host lost), the job fails naming its rows.
