@@ -134,7 +134,9 @@ def _parquet(path: Path, texts: list[object], ids: list[object] | None = None, *
 
 def test_parquet_records_stream_across_row_groups_with_ids_and_rejects(tmp_path: Path) -> None:
     # given a Parquet corpus of several row groups with a null text among good ones, and a null id
-    path = _parquet(tmp_path / "c.parquet", ["a", "b", None, "d", "e", "", "g"], ["i0", "i1", "i2", None, "i4", "i5", "i6"])
+    path = _parquet(
+        tmp_path / "c.parquet", ["a", "b", None, "d", "e", "", "g"], ["i0", "i1", "i2", None, "i4", "i5", "i6"]
+    )
     # when it is read
     items = list(read_records(str(path)))
     # then good rows keep their ids (a null id is the row number), the null text is rejected with its row

@@ -215,6 +215,7 @@ class PartialOutput:
         os.replace(temp, self.output)
 
     def _write_parquet(self, blocks: Iterator[np.ndarray]) -> None:
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # why: producer/job/parquet_input.py
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -109,11 +109,14 @@ def quantize_queries(queries: np.ndarray, manifest: Mapping[str, Any] | str | Pa
     `manifest` is OUTPUT.manifest.json (a path) or its parsed content. For int8/uint8 the job's ranges
     are used, never ranges of the queries themselves, so query and corpus share one scale.
     """
-    if not isinstance(manifest, Mapping):
+    fields: Mapping[str, Any]
+    if isinstance(manifest, Mapping):
+        fields = manifest
+    else:
         with open(manifest, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    precision = str(manifest.get("precision", "float32"))
-    ranges = manifest.get("ranges")
+            fields = json.load(handle)
+    precision = str(fields.get("precision", "float32"))
+    ranges = fields.get("ranges")
     if precision in CALIBRATED and ranges is None:
         raise ValueError(f"the manifest says precision {precision!r} but records no ranges")
     return quantize(queries, precision, None if ranges is None else np.asarray(ranges, dtype=np.float32))

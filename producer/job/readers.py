@@ -55,7 +55,9 @@ def detect_format(path: str, requested: str = "auto") -> str:
         if requested not in FORMATS:
             raise InputError(f"--format {requested!r}: choose txt, jsonl, csv or parquet", source=path)
         if requested == "parquet" and path == "-":
-            raise InputError("--format parquet: Parquet is read from its footer, so pass a file, not stdin", source=path)
+            raise InputError(
+                "--format parquet: Parquet is read from its footer, so pass a file, not stdin", source=path
+            )
         return requested
     lower = path.lower()
     for suffix, fmt in (
