@@ -18,13 +18,14 @@ import pytest
 
 from producer.job import output as output_module
 from producer.job.output import ChunkRecord, PartialOutput
-from producer.job.quantize import PRECISIONS, quantize_queries
+from producer.job.quantize import PRECISIONS, dequantize, quantize_queries
 from producer.job.readers import Record, Rejected, count_lines, read_records
 from workers.protocol.errors import InputError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from sentence_transformers.quantization import quantize_embeddings
+    from sentence_transformers.util.quantization import _dequantize_embeddings
 
 ROWS, DIM, CHUNK = 70, 20, 16  # DIM not a multiple of 8: the last packed byte is padded
 
@@ -100,6 +101,10 @@ def test_queries_quantised_with_the_manifest_match_the_corpus_scale(tmp_path: Pa
     # then they equal sentence-transformers' quantisation with the job's ranges
     ranges = np.vstack((vectors.min(axis=0), vectors.max(axis=0)))
     np.testing.assert_array_equal(got, quantize_embeddings(queries, precision, ranges=ranges))
+    # and int8/uint8 rows go back to the float scale as sentence-transformers' rescoring puts them
+    if precision in ("int8", "uint8"):
+        expected = _dequantize_embeddings(got, precision, ranges)
+        np.testing.assert_array_equal(dequantize(got, precision, ranges), expected)
 
 
 def test_an_interrupted_int8_job_resumes_and_still_writes_the_exact_output(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Parquet corpora: a text column and an id column, read a record batch at a time.
 
 Only the two columns are read, batch by batch (`ParquetFile.iter_batches`), so memory is bounded by a
-row group's column chunks, never by the file. A row's "line" is its 1-based row number: that is what
+row group's column chunks, never by the file. This module yields raw values; producer/job/readers.py
+validates them as it does every format's. A row's "line" is its 1-based row number: that is what
 errors and OUTPUT.rejects.jsonl name. pyarrow comes with the `parquet` extra; the command line checks
 for it before anything starts (producer/cli/main.py).
 """
@@ -12,17 +13,18 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from producer.job.readers import Record, Rejected, _preview, check_text
 from workers.protocol.errors import InputError
 
+#: (1-based row number, text value, id value), values as pyarrow gives them (None for a null).
+Row = tuple[int, Any, Any]
 #: Rows converted to Python objects at a time; small, so that a batch's strings stay a few MB.
 BATCH_ROWS = 1024
 
 
 def _open(path: str) -> Any:
-    # Arrow's default allocator (mimalloc) keeps freed pages: reading 100,000 rows batch by batch grew
-    # the producer's RSS by ~90 MB with it, ~25 MB with the system allocator (which pre_buffer=False and
-    # one thread bring down further). Only a default: it applies if pyarrow is not imported yet.
+    # Reading 100,000 rows batch by batch grew RSS by 88 MB with pyarrow's defaults and by 24 MB with the
+    # system allocator (mimalloc, the default, keeps freed pages), pre_buffer=False and one thread.
+    # Only a default: it applies if pyarrow is not imported yet, and ARROW_DEFAULT_MEMORY_POOL overrides it.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -35,13 +37,11 @@ def _open(path: str) -> Any:
         raise InputError(f"not a readable Parquet file ({error})", source=path) from None
 
 
-def read_parquet(
-    path: str, text_field: str, id_field: str, *, batch_rows: int = BATCH_ROWS
-) -> Iterator[Record | Rejected]:
-    """Records of the `text_field` column, ids from `id_field` (missing column or null: the row number).
+def parquet_rows(path: str, text_field: str, id_field: str, *, batch_rows: int = BATCH_ROWS) -> Iterator[Row]:
+    """(row number, text value, id value or None) for every row, as stored (None for a null).
 
-    A null or non-string text is Rejected, as a bad record of any other format is; a missing text column
-    is one InputError naming the columns there are.
+    The id is None when `id_field` is not a column; a missing text column is one InputError naming
+    the columns there are.
     """
     parquet = _open(path)
     try:
@@ -56,11 +56,7 @@ def read_parquet(
             ids = batch.column(1).to_pylist() if has_id else [None] * len(texts)
             for text, record_id in zip(texts, ids, strict=True):
                 row += 1
-                reason = check_text(text, text_field)
-                if reason:
-                    yield Rejected(row, reason, _preview(repr(text)))
-                else:
-                    yield Record(row, str(row) if record_id is None else str(record_id), text)
+                yield row, text, record_id
     finally:
         parquet.close()
 

@@ -94,6 +94,23 @@ def quantize(embeddings: np.ndarray, precision: str, ranges: np.ndarray | None =
     return (packed - 128).astype(np.int8)
 
 
+def dequantize(values: np.ndarray, precision: str, ranges: np.ndarray) -> np.ndarray:
+    """int8/uint8 rows back on the float scale (float64), as sentence-transformers rescoring does.
+
+    Each value becomes the lower edge of its step: `min + (q [+ 128 for int8]) * step`; comparing a float
+    query with these rows loses far less than comparing quantised query and rows (README, "Performance").
+    """
+    if precision not in CALIBRATED:
+        raise ValueError(f"only int8 and uint8 rows can be dequantised, not {precision!r}")
+    ranges = np.asarray(ranges, dtype=np.float32)
+    steps = (ranges[1] - ranges[0]) / 255
+    steps = np.where(steps == 0, 1, steps)
+    restored = np.asarray(values).astype(np.float64)  # before the offset: int8 + 128 would overflow
+    if precision == "int8":
+        restored += 128
+    return restored * steps + ranges[0]
+
+
 def manifest_fields(precision: str, ranges: np.ndarray | None) -> dict[str, Any]:
     """What the manifest records so that a query can be quantised the same way later."""
     fields: dict[str, Any] = {"precision": precision}

@@ -159,14 +159,24 @@ def read_csv(stream: IO[bytes], text_field: str, id_field: str) -> Iterator[Reco
         yield Record(number, str(row.get(id_field) or number), value)  # type: ignore[arg-type]
 
 
+def read_parquet(path: str, text_field: str, id_field: str) -> Iterator[Record | Rejected]:
+    """A text column and an id column, a record batch at a time; a null id is the row number."""
+    from producer.job.parquet_input import parquet_rows
+
+    for number, text, record_id in parquet_rows(path, text_field, id_field):
+        reason = check_text(text, text_field)
+        if reason:
+            yield Rejected(number, reason, _preview(repr(text)))
+        else:
+            yield Record(number, str(number) if record_id is None else str(record_id), text)
+
+
 def read_records(
     path: str, *, fmt: str = "auto", text_field: str = "text", id_field: str = "id"
 ) -> Iterator[Record | Rejected]:
     """Stream records from `path` (or stdin for '-'), whatever its format."""
     chosen = detect_format(path, fmt)
     if chosen == "parquet":
-        from producer.job.parquet_input import read_parquet
-
         open_input(path).close()  # the same one-line errors as other formats for a missing file
         yield from read_parquet(path, text_field, id_field)
         return
