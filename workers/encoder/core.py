@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder import windows
+from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder.batching import pack_by_tokens
 from workers.encoder.torch_backend import TorchBackend, is_out_of_memory, load_module, resolve_device, resolve_dtype
 from workers.protocol.errors import ConfigError, InputError, ModelError

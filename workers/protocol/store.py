@@ -86,12 +86,12 @@ class RedisStore(ResultStore):
     def put(self, job: str, chunk: int, array: np.ndarray, windows: np.ndarray | None = None) -> None:
         data = np.ascontiguousarray(array, dtype="<f4")
         key = self.keys.result(job, chunk)
-        mapping: dict[str, Any] = {"rows": data.shape[0], "dim": data.shape[1], "data": data.tobytes()}
-        if windows is not None:
-            mapping["windows"] = _window_table(windows, data.shape[0]).tobytes()
-        with self.client.pipeline(transaction=True) as pipe:
+        table = None if windows is None else _window_table(windows, data.shape[0]).tobytes()
+        with self.client.pipeline(transaction=True) as pipe:  # one MULTI: matrix and table are seen together
             pipe.delete(key)  # a put replaces the whole hash, a window table included
-            pipe.hset(key, mapping=mapping)
+            pipe.hset(key, mapping={"rows": data.shape[0], "dim": data.shape[1], "data": data.tobytes()})
+            if table is not None:
+                pipe.hset(key, "windows", table)
             pipe.expire(key, self.ttl_s)
             pipe.execute()
 
