@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.encoder import windows
 from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder.batching import pack_by_tokens
 from workers.encoder.torch_backend import TorchBackend, is_out_of_memory, load_module, resolve_device, resolve_dtype
+from workers.encoder.windows import plan_windows
 from workers.protocol.errors import ConfigError, InputError, ModelError
 from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 from workers.protocol.model_info import ModelInfo
@@ -213,7 +213,7 @@ class Encoder:
         ids, truncated = self.tokenize(texts, max_length or self.info.max_length)
         plan = None
         if long != TRUNCATE:
-            plan = windows.plan(self, texts, ids, max_length or self.info.max_length)
+            plan = plan_windows(self, texts, ids, max_length or self.info.max_length)
             ids, truncated = plan.rows, 0
         lengths = [len(row) for row in ids]
         output = np.empty((len(ids), self.dim), dtype=np.float32)

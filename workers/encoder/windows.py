@@ -64,7 +64,7 @@ def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
     raise ModelError("the tokenizer's special tokens cannot be told apart from a text's: use --long truncate")
 
 
-def plan(encoder: Any, texts: Sequence[str], ids: list[list[int]], max_length: int) -> Windows:
+def plan_windows(encoder: Any, texts: Sequence[str], ids: list[list[int]], max_length: int) -> Windows:
     """The rows to run for `texts`, whose truncated token ids (`Encoder.tokenize`) are `ids`."""
     with encoder._tokenizer_lock:  # a fast tokenizer is not safe to share between threads
         prefix, suffix = special_tokens(encoder.tokenizer)
@@ -84,6 +84,7 @@ def plan(encoder: Any, texts: Sequence[str], ids: list[list[int]], max_length: i
                 padding=False,
                 return_attention_mask=False,
                 return_token_type_ids=False,
+                verbose=False,  # no "longer than the maximum" warning: being longer is why these are here
             )
         content = {i: row for i, row in zip(candidates, encoded["input_ids"], strict=True) if len(row) > size}
     rows: list[list[int]] = []
