@@ -18,6 +18,7 @@ from workers.lease import ChunkLease
 from workers.protocol import events
 from workers.protocol.config import TASK_EMBED_CHUNK
 from workers.protocol.errors import EmbedqError, ModelMismatch, is_retryable
+from workers.protocol.long_docs import TRUNCATE
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()
@@ -123,6 +124,7 @@ def _embed_and_store(
             max_length=options.get("max_length") or ctx.model.max_length,
             dtype=options.get("dtype") or ctx.settings.dtype,
             batch_tokens=int(options.get("batch_tokens") or ctx.settings.batch_tokens),
+            long=options.get("long") or TRUNCATE,
         )
         if lease.lost.is_set():
             return _drop(ctx, job, chunk, attempt, "its lease was lost while it ran (another copy was sent)")
@@ -130,7 +132,7 @@ def _embed_and_store(
         if why:
             return _drop(ctx, job, chunk, attempt, why)
         store = ctx.store(options.get("results", "redis"))
-        store.put(job, chunk, result.embeddings)
+        store.put(job, chunk, result.embeddings, windows=result.window_table)
         # Checked again after the write: the producer collects (deletes the key, then marks the chunk) in one
         # transaction, so a copy that lost the race between the two checks removes what it just wrote.
         why = settled(ctx, job, chunk)
@@ -157,7 +159,7 @@ def _embed_and_store(
         "type": "done",
         "chunk": chunk,
         "attempt": attempt,
-        "rows": int(result.embeddings.shape[0]),
+        "rows": len(texts),  # documents: under --long chunks the matrix has a row per window
         "dim": int(result.embeddings.shape[1]),
         "tokens": result.tokens,
         "padded_tokens": result.padded_tokens,
@@ -166,6 +168,9 @@ def _embed_and_store(
         "dtype": result.dtype,
         "ms": round((time.perf_counter() - t0) * 1000.0, 1),
     }
+    if options.get("long", TRUNCATE) != TRUNCATE:
+        # Echoed, so that a producer can tell a worker that knows the policy from an older one that ignored it.
+        meta.update(long=options["long"], split=result.split, windows=result.windows)
     return meta
 
 

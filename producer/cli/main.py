@@ -29,6 +29,7 @@ from workers.protocol.errors import (
     NoWorkers,
     WorkersFailed,
 )
+from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 
 log = logging.getLogger("embedq")
 
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per text before truncation (default: the model's max_seq_length)",
     )
+    embed.add_argument(
+        "--long",
+        choices=LONG_POLICIES,
+        default=TRUNCATE,
+        help="a document over the max length: truncate it (counted); chunk-mean: embed overlapping windows and "
+        "average them into its row; chunks: one row per window (Parquet: id, window, token_start, token_end)",
+    )
     embed.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
     embed.add_argument("--text-field", default="text", help="JSONL key or CSV column holding the text")
     embed.add_argument(
@@ -267,6 +275,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
         kind = output_kind(args.output)
     except ValueError:
         raise ConfigError(f"-o {args.output}: name the output .npy or .parquet") from None
+    if args.long == CHUNKS and kind != "parquet":
+        raise ConfigError(
+            f"--long chunks -o {args.output}: one row per window needs the window columns of Parquet; "
+            "name the output .parquet, or use --long chunk-mean for one row per document"
+        )
+    if args.long == CHUNKS and args.precision != "float32":
+        raise ConfigError(
+            f"--long chunks --precision {args.precision}: window rows are written as float32; "
+            "drop --precision, or use --long chunk-mean"
+        )
     embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
     if embedded:
         extras.require("embedq embed without --broker (the embedded default)", "local")
@@ -308,6 +326,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         precision=args.precision,
         stall_timeout_s=args.stall_timeout,
         workers_lost_s=args.workers_lost_timeout,
+        long=args.long,
     )
     say = _say
     if not embedded:
@@ -359,9 +378,10 @@ def _say(line: str) -> None:
 
 def _summary(report: Any, output: str) -> None:
     reused = f", {report.reused_chunks} chunks reused from an earlier run" if report.reused_chunks else ""
+    split = f", {report.split} split into {report.windows} windows" if report.split else ""
     print(
         f"embedq: {report.rows} docs in {report.wall_s:.1f} s ({report.docs_per_s:.1f} docs/s), "
-        f"{report.truncated} truncated, {report.rejected} rejected{reused} -> {output} "
+        f"{report.truncated} truncated{split}, {report.rejected} rejected{reused} -> {output} "
         f"(manifest {output}.manifest.json)",
         flush=True,
     )

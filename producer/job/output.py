@@ -56,6 +56,9 @@ class ChunkRecord:
     padded_tokens: int
     truncated: int
     dtype: str
+    #: Under --long chunk-mean / chunks: documents split into windows, and the windows they became.
+    split: int = 0
+    windows: int = 0
 
 
 class PartialOutput:
@@ -119,8 +122,13 @@ class PartialOutput:
         entry = {"source": source, "line": line, "reason": reason, "record": raw}
         self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def write_chunk(self, record: ChunkRecord, array: np.ndarray) -> None:
-        """Write rows at their offset, make them durable, then log the chunk as finished."""
+    def rows_of(self, record: ChunkRecord) -> int:
+        """Output rows of a finished chunk: one per document here (producer/job/window_output.py differs)."""
+        return record.rows
+
+    def write_chunk(self, record: ChunkRecord, array: np.ndarray, windows: np.ndarray | None = None) -> None:
+        """Write rows at their offset, make them durable, then log the chunk as finished (`windows`, a
+        window table, matters only to producer/job/window_output.py)."""
         if array.shape != (record.rows, self.dim):
             raise ValueError(f"chunk {record.chunk}: expected {(record.rows, self.dim)} rows, got {array.shape}")
         self._data.seek(HEADER_BYTES + record.start * self.dim * 4)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.job.chunk_plan import MIN_TAIL_ROWS
+from workers.protocol.long_docs import TRUNCATE
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.queues import BULK
 
@@ -45,6 +46,8 @@ class JobOptions:
     max_sends: int = 3
     #: How long to keep trying while the broker is unreachable mid-job.
     broker_retry_s: float = 300.0
+    #: What becomes of a document over the model's length (workers/protocol/long_docs.py).
+    long: str = TRUNCATE
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -57,6 +60,8 @@ class JobOptions:
         }
         if self.batch_tokens:
             options["batch_tokens"] = self.batch_tokens
+        if self.long != TRUNCATE:  # absent under truncate, so that such jobs keep the ids they always had
+            options["long"] = self.long
         return options
 
 
@@ -74,6 +79,9 @@ class JobReport:
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
+    #: Under --long chunk-mean / chunks: documents split into windows, and the windows they became.
+    split: int = 0
+    windows: int = 0
     rejected: int = 0
     dtypes: set[str] = field(default_factory=set)
     failures: list[dict[str, Any]] = field(default_factory=list)

@@ -18,7 +18,9 @@ import torch
 from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder.batching import pack_by_tokens
 from workers.encoder.torch_backend import TorchBackend, is_out_of_memory, load_module, resolve_device, resolve_dtype
+from workers.encoder.windows import plan_windows
 from workers.protocol.errors import ConfigError, InputError, ModelError
+from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 from workers.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,11 @@ class EncodeResult:
     truncated: int
     batches: int
     dtype: str
+    #: Under --long chunk-mean / chunks: texts split into windows, the windows they became, and (chunks only)
+    #: the window table of workers/protocol/long_docs.py, one row per embedding row.
+    split: int = 0
+    windows: int = 0
+    window_table: np.ndarray | None = None
 
 
 def _load_backend(runtime: str, info: ModelInfo, threads: int, uses_token_types: bool, cache_dir: str) -> Backend:
@@ -190,23 +197,41 @@ class Encoder:
         max_length: int | None = None,
         dtype: str = "fp32",
         batch_tokens: int = 2048,
+        long: str = TRUNCATE,
     ) -> EncodeResult:
-        """Embed `texts` in input order: float32 rows, L2-normalised unless `normalize` is False."""
+        """Embed `texts` in input order: float32 rows, L2-normalised unless `normalize` is False.
+
+        `long` (workers/protocol/long_docs.py) says what becomes of a text over `max_length`: truncated, or
+        split into windows (workers/encoder/windows.py) that are averaged into its row or each give a row.
+        """
         if pooling not in ("cls", "mean", "max"):
             raise ConfigError(f"pooling {pooling!r}: choose cls, mean or max")
+        if long not in LONG_POLICIES:
+            raise ConfigError(f"long {long!r}: choose one of {', '.join(LONG_POLICIES)}")
         chosen_dtype = resolve_dtype(dtype, self.device)
         backend = self.backend(chosen_dtype)
         ids, truncated = self.tokenize(texts, max_length or self.info.max_length)
+        plan = None
+        if long != TRUNCATE:
+            plan = plan_windows(self, texts, ids, max_length or self.info.max_length)
+            ids, truncated = plan.rows, 0
         lengths = [len(row) for row in ids]
         output = np.empty((len(ids), self.dim), dtype=np.float32)
         padded = 0
         batches = pack_by_tokens(lengths, batch_tokens)
         for batch in batches:
             padded += self._run_batch(backend, ids, batch, output, pooling, chosen_dtype)
-        if normalize and len(ids):
+        if plan is not None:
+            output = plan.combine(output, long)
+        if normalize and len(output):
             # As torch.nn.functional.normalize: divide by the norm, never by less than 1e-12.
             output /= np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-        return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype)
+        if plan is None:
+            return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype)
+        table = plan.table if long == CHUNKS else None
+        return EncodeResult(
+            output, sum(lengths), padded, truncated, len(batches), chosen_dtype, plan.split, plan.windows, table
+        )
 
     def _run_batch(
         self, backend: Backend, ids: list[list[int]], batch: list[int], output: np.ndarray, pooling: str, dtype: str
