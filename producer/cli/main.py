@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from producer.cli import exitcodes
 from producer.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
+from producer.cli.vector_flags import add_vector_flags, vector_options
 from producer.job.chunk_plan import MIN_TAIL_ROWS
 from workers.protocol import extras
 from workers.protocol.config import DTYPES, Settings
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per text before truncation (default: the model's max_seq_length)",
     )
     embed.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
+    add_vector_flags(embed)
     embed.add_argument("--text-field", default="text", help="JSONL key or CSV column holding the text")
     embed.add_argument(
         "--id-field", default="id", help="JSONL key or CSV column holding the record id (missing: the line number)"
@@ -272,7 +274,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         open_input(args.input).close()
     # Read from the model's folder; a light install asks the fleet for what it cannot read.
     model = describe(settings, pooling=args.pooling, max_length=args.max_length)
-    check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim)
+    vectors = vector_options(args, model)
+    check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=vectors["dimensions"] or model.dim)
     if args.on_invalid == "fail":
         check_first_records(
             args.input,
@@ -298,6 +301,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         on_invalid=args.on_invalid,
         stall_timeout_s=args.stall_timeout,
         workers_lost_s=args.workers_lost_timeout,
+        **vectors,
     )
     say = _say
     if not embedded:

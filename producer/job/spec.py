@@ -42,6 +42,16 @@ class JobOptions:
     max_sends: int = 3
     #: How long to keep trying while the broker is unreachable mid-job.
     broker_retry_s: float = 300.0
+    #: The prompt text prepended to every text (workers/protocol/prompts.py), and the name it came from.
+    prompt: str = ""
+    prompt_name: str | None = None
+    #: Leading components kept of each vector (Matryoshka), None for all of them.
+    dimensions: int | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output rows: the dimensions kept, else the model's."""
+        return self.dimensions or self.model.dim
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -54,6 +64,11 @@ class JobOptions:
         }
         if self.batch_tokens:
             options["batch_tokens"] = self.batch_tokens
+        # Sent only when asked for, so that the ids of jobs that use neither stay what they were (they resume).
+        if self.prompt or self.model.default_prompt_name is not None:
+            options["prompt"] = self.prompt
+        if self.dimensions:
+            options["dimensions"] = self.dimensions
         return options
 
 

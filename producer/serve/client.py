@@ -32,8 +32,9 @@ from celery import Celery
 from producer.job.broker import send_chunk, sender_app
 from producer.job.readers import check_text
 from producer.serve.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
-from workers.protocol import events
+from workers.protocol import deadlines, events
 from workers.protocol.config import Settings
+from workers.protocol.dimensions import check_dimensions
 from workers.protocol.errors import (
     BrokerUnavailable,
     EmbedqError,
@@ -46,6 +47,7 @@ from workers.protocol.errors import (
 from workers.protocol.keys import Keys, connect
 from workers.protocol.model_info import DEFAULT_MODEL_NAME, ModelInfo
 from workers.protocol.model_registry import describe
+from workers.protocol.prompts import UnknownPrompt, resolve_prompt
 from workers.protocol.queues import INTERACTIVE, queue_depth
 from workers.protocol.store import RedisStore
 
@@ -92,6 +94,8 @@ class _Request:
     chunks: dict[int, list[int]] = field(default_factory=dict)
     tokens: int = 0
     failures: list[str] = field(default_factory=list)
+    #: This request's own task options (prompt, dimensions): part of its cache keys.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -137,13 +141,39 @@ class _Core:
         self.requests = 0
         self.texts = 0
 
-    def plan(self, texts: Any) -> _Request:
+    def request_options(
+        self, prompt_name: str | None = None, prompt: str | None = None, dimensions: int | None = None
+    ) -> dict[str, Any]:
+        """A request's own task options: the prompt text it resolves to and the dimensions it keeps.
+
+        UnknownPrompt or DimensionsUnsupported (both ConfigError) before anything is sent.
+        """
+        extra: dict[str, Any] = {}
+        if self.model.pooling:  # described (folder or fleet): its prompts are known, the default included
+            text = resolve_prompt(self.model, prompt_name, prompt)
+            # Sent only when it says something, so that the cache keys of requests without prompts stay as they were.
+            if text or self.model.default_prompt_name is not None:
+                extra["prompt"] = text
+        elif prompt_name is not None:
+            raise UnknownPrompt(
+                f"prompt name {prompt_name!r}: the prompts of model {self.model.name} are not known here "
+                "(no folder to read and no worker has announced it); pass the prompt text instead"
+            )
+        elif prompt is not None:
+            extra["prompt"] = resolve_prompt(self.model, None, prompt)
+        cut = check_dimensions(dimensions, self.dim, self.model.name)
+        if cut is not None and cut != self.dim:
+            extra["dimensions"] = cut
+        return extra
+
+    def plan(self, texts: Any, extra: dict[str, Any] | None = None) -> _Request:
         valid = validate_texts(texts)
         unique: dict[str, int] = {}
         slots = [unique.setdefault(text, len(unique)) for text in valid]
         self.requests += 1
         self.texts += len(valid)
-        return _Request(f"req-{uuid.uuid4().hex[:20]}", valid, slots, list(unique), [None] * len(unique))
+        job = f"req-{uuid.uuid4().hex[:20]}"
+        return _Request(job, valid, slots, list(unique), [None] * len(unique), extra=extra or {})
 
     def apply_cache(self, request: _Request, values: Sequence[bytes | None]) -> dict[str, int]:
         """Fill the request from the cache's MGET replies; returns the fleet counters to add."""
@@ -164,10 +194,15 @@ class _Core:
         return sends
 
     def send(self, request: _Request, sends: list[tuple[int, list[str]]], expires_s: float | None = None) -> None:
-        # Expiring with the request: a worker that gets to it after the caller gave up discards it,
-        # so abandoned requests leave no work, no stored array and no events behind.
+        # The request's deadline travels with each chunk: a worker that gets to it after the caller gave up
+        # drops it unrun and counts it (workers/protocol/deadlines.py), so abandoned requests leave no work,
+        # no stored array and no events behind.
+        options = {**self.options, **request.extra}
+        deadline = deadlines.deadline_in(expires_s)
+        if deadline is not None:
+            options[deadlines.OPTION] = deadline
         for index, texts in sends:
-            send_chunk(self.app, request.job, index, texts, self.options, queue=INTERACTIVE, expires_s=expires_s)
+            send_chunk(self.app, request.job, index, texts, options, queue=INTERACTIVE)
 
     def waits(self, request: _Request, timeout_s: float | None) -> Iterator[float]:
         """How long to wait for each next event until the request is done; RequestTimeout past `timeout_s`."""
@@ -195,11 +230,12 @@ class _Core:
         request.tokens += event["tokens"]
         for row, slot in enumerate(slots):
             request.vectors[slot] = array[row]
-        if not self.dim:
+        if not self.dim and "dimensions" not in request.extra:
             self.dim = int(array.shape[1])
         if self.cache is None:
             return []
-        return [(self.cache.key(request.unique[slot]), self.cache.encode(array[row])) for row, slot in enumerate(slots)]
+        keys = self.cache.keys_for([request.unique[slot] for slot in slots], request.extra)
+        return [(key, self.cache.encode(array[row])) for row, key in enumerate(keys)]
 
     def cleanup_keys(self, request: _Request) -> list[str]:
         return [self.keys.events(request.job), self.keys.deliveries(request.job)]
@@ -250,7 +286,7 @@ class EmbedHandle:
                 self._client._take(self._request, timeout_s=wait_s)
         finally:
             self._client._finish(self._request)
-        return self._request.matrix(self._client.dim)
+        return self._request.matrix(self._request.extra.get("dimensions") or self._client.dim)
 
 
 class _ClientBase:
@@ -288,6 +324,13 @@ class _ClientBase:
     def model(self) -> ModelInfo:
         return self._core.model
 
+    def check_options(
+        self, prompt_name: str | None = None, prompt: str | None = None, dimensions: int | None = None
+    ) -> dict[str, Any]:
+        """The task options a request with these arguments would send (its resolved prompt text and
+        dimensions); UnknownPrompt or DimensionsUnsupported (both ConfigError) now, before anything is sent."""
+        return self._core.request_options(prompt_name, prompt, dimensions)
+
     @property
     def dim(self) -> int:
         """Width of the vectors (learnt from the first result when the model folder is not local)."""
@@ -323,19 +366,43 @@ class EmbedClient(_ClientBase):
         """Messages waiting in the interactive queue."""
         return queue_depth(self.redis, self._core.keys, INTERACTIVE)
 
-    def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
-        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order."""
-        return self.submit(texts, expires_s=timeout).result(timeout)
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order.
 
-    def submit(self, texts: str | Sequence[str], expires_s: float | None = None) -> EmbedHandle:
-        """Send the request and return at once; InvalidRecords if any text is not a valid string.
+        `prompt_name` picks one of the model folder's sentence-transformers prompts (its default applies when
+        neither it nor `prompt`, a text of your own, is given); `dimensions` keeps the first N components,
+        L2-normalised again unless the client was made with normalize=False. Workers drop the request's
+        chunks that they reach only after `timeout`.
+        """
+        handle = self.submit(texts, expires_s=timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions)
+        return handle.result(timeout)
 
-        With `expires_s`, workers discard the request's chunks they reach only after that many seconds.
+    def submit(
+        self,
+        texts: str | Sequence[str],
+        expires_s: float | None = None,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> EmbedHandle:
+        """Send the request and return at once; InvalidRecords if any text is not a valid string, UnknownPrompt
+        or DimensionsUnsupported (both ConfigError) for a prompt name or width the model does not have.
+
+        With `expires_s`, workers drop the request's chunks they reach only after that many seconds, unrun.
         """
         core = self._core
-        request = core.plan(texts)
+        request = core.plan(texts, core.request_options(prompt_name, prompt, dimensions))
         if core.cache is not None and request.unique:
-            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique)))
+            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
             with self.redis.pipeline(transaction=False) as pipe:
                 for name, amount in core.apply_cache(request, values).items():
                     pipe.hincrby(core.keys.stats(), name, amount)
