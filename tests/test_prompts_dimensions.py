@@ -54,7 +54,9 @@ def cosines(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def st_folder(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_st_folder(tiny_bert, tmp_path_factory.mktemp("st") / "tiny-st-prompts", pooling="mean", include_prompt=False)
+    return build_st_folder(
+        tiny_bert, tmp_path_factory.mktemp("st") / "tiny-st-prompts", pooling="mean", include_prompt=False
+    )
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def add_vector_flags(parser: argparse.ArgumentParser) -> None:
         "(default: the folder's default_prompt_name, else none)",
     )
     prompts.add_argument(
-        "--prompt", default=None, help="prepend this text to every text instead (\"\" for none, whatever the default)"
+        "--prompt", default=None, help='prepend this text to every text instead ("" for none, whatever the default)'
     )
     parser.add_argument(
         "--dimensions",

@@ -63,7 +63,9 @@ class EmbeddingCache:
 
     def keys_for(self, texts: Sequence[str], extra: Mapping[str, Any] | None = None) -> list[str]:
         namespace = self.namespace(extra) if extra else self._namespace
-        return [self.keys.cache(namespace, hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest()) for t in texts]
+        return [
+            self.keys.cache(namespace, hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest()) for t in texts
+        ]
 
     def decode(self, values: Sequence[bytes | None]) -> list[np.ndarray | None]:
         """MGET replies -> one vector (or None for a miss) per text; counts the hits and misses."""

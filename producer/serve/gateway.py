@@ -19,9 +19,9 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -131,7 +131,9 @@ def parse_options(body: dict[str, Any], served: list[str]) -> tuple[str, int | N
     return encoding_format, dimensions
 
 
-def request_variant(client: AsyncEmbedClient, body: dict[str, Any], dimensions: int | None) -> tuple[Any, ...]:
+def request_variant(
+    client: AsyncEmbedClient, body: dict[str, Any], dimensions: int | None
+) -> tuple[tuple[str, Any], ...]:
     """The request's `prompt_name` and `dimensions` as keyword pairs for the client, checked now (a clear 400)
     so that one bad request never fails the others coalesced with it."""
     prompt_name = body.get("prompt_name")
@@ -213,9 +215,12 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
     )
     sync_redis = connect(settings.broker_url, check=False)
     admission = Admission(opts.max_concurrency, opts.max_waiting, opts.timeout_s)
-    coalescer = Coalescer(
-        lambda texts, timeout_s, variant: client.embed_with_usage(texts, timeout=timeout_s, **dict(variant))
-    )
+
+    async def embed_variant(texts: list[str], timeout_s: float, variant: Hashable) -> tuple[np.ndarray, int]:
+        options = dict(cast(tuple[tuple[str, Any], ...], variant))  # request_variant's (name, value) pairs
+        return await client.embed_with_usage(texts, timeout=timeout_s, **options)
+
+    coalescer = Coalescer(embed_variant)
     probes = Admission(MAX_PROBES, 4 * MAX_PROBES)
 
     @contextlib.asynccontextmanager

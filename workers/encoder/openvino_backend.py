@@ -104,4 +104,6 @@ class OpenVinoBackend:
         request = self._request(dtype)
         hidden = request.infer(inputs)[0]
         # The output tensor is the request's own memory, reused by its next call: pool it before returning.
-        return pool_numpy(np.asarray(hidden, dtype=np.float32), attention_mask if pool_mask is None else pool_mask, pooling)
+        return pool_numpy(
+            np.asarray(hidden, dtype=np.float32), attention_mask if pool_mask is None else pool_mask, pooling
+        )

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 
-
 def prompt_length(tokenizer: Any, prompt: str, max_length: int) -> int:
     """Tokens of `prompt` that pooling leaves out: its ids with special tokens, less a trailing special one."""
     ids: list[int] = tokenizer([prompt], truncation=True, max_length=max_length)["input_ids"][0]

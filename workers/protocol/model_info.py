@@ -246,5 +246,13 @@ def resolve_model(name: str = "", *, pooling: str = "auto", max_length: int | No
         is_default = False
     identity = DEFAULT_MODEL_NAME if is_default else folder.resolve().name
     return ModelInfo(
-        identity, str(folder.resolve()), True, chosen_pooling, limit, dim, prompts, default_prompt, _include_prompt(folder)
+        identity,
+        str(folder.resolve()),
+        True,
+        chosen_pooling,
+        limit,
+        dim,
+        prompts,
+        default_prompt,
+        _include_prompt(folder),
     )

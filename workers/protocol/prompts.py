@@ -13,15 +13,26 @@ does (workers/encoder/prompting.py). Read without torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from workers.protocol.errors import ConfigError, ModelError
 
-if TYPE_CHECKING:
-    from workers.protocol.model_info import ModelInfo
-
 ST_CONFIG = "config_sentence_transformers.json"
+
+
+class HasPrompts(Protocol):
+    """What prompt resolution needs of a model (`ModelInfo` has it; model_info imports this module)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def prompts(self) -> Mapping[str, str]: ...
+
+    @property
+    def default_prompt_name(self) -> str | None: ...
 
 
 class UnknownPrompt(ConfigError):
@@ -48,7 +59,7 @@ def read_prompts(folder: Path) -> tuple[dict[str, str], str | None]:
     return prompts, default
 
 
-def resolve_prompt(model: ModelInfo, prompt_name: str | None = None, prompt: str | None = None) -> str:
+def resolve_prompt(model: HasPrompts, prompt_name: str | None = None, prompt: str | None = None) -> str:
     """The prompt text a request gets ("" for none), as sentence-transformers' `encode` resolves it.
 
     An explicit `prompt` (even "") wins; passing both is refused rather than guessed at; an unknown
@@ -70,7 +81,7 @@ def resolve_prompt(model: ModelInfo, prompt_name: str | None = None, prompt: str
     return ""
 
 
-def prompt_label(model: ModelInfo, prompt_name: str | None, prompt: str | None) -> str | None:
+def prompt_label(model: HasPrompts, prompt_name: str | None, prompt: str | None) -> str | None:
     """The prompt's name as a manifest records it: the one asked for, else the default that applied."""
     if prompt is not None:
         return None
