@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,15 @@ from workers.protocol.prompts import UnknownPrompt
 TEXTS = ["The cat sat on the mat.", "", "  leading and trailing spaces  ", "naïve café ünïcode ✓", "word " * 40]
 PROMPTS = {"query": "query: ", "doc": "Represent this passage for retrieval: "}
 MIN_COS = 0.99999
+#: Below the tiny BERT's 128 positions: ST >= 5 keeps it as the tokenizer's model_max_length.
+MAX_SEQ_LENGTH = 48
 
 
 def build_st_folder(bert: Path, folder: Path, *, pooling: str, include_prompt: bool) -> Path:
     """A sentence-transformers folder saved by sentence-transformers itself: `bert` + Pooling, with prompts."""
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    transformer = Transformer(str(bert))
+    transformer = Transformer(str(bert), max_seq_length=MAX_SEQ_LENGTH)  # the last text is truncated
     pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling, include_prompt=include_prompt)
     model = SentenceTransformer(modules=[transformer, pool], prompts=PROMPTS, default_prompt_name="query", device="cpu")
     model.save(str(folder))
@@ -68,8 +71,9 @@ def st(st_folder: Path) -> SentenceTransformer:
 def fleet(valkey: object, st_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     serving = Fleet(valkey.url, st_folder, tmp_path_factory.mktemp("prompts"))  # type: ignore[attr-defined]
     try:
-        serving.start_worker()
+        log = serving.start_worker(wait=False)  # the gateway starts while the worker loads its model
         serving.base = serving.start_gateway()  # type: ignore[attr-defined]
+        serving.wait_ready(log)
         yield serving
     finally:
         serving.stop()
@@ -93,6 +97,7 @@ def test_the_folder_s_prompts_and_pooling_are_read_without_torch_and_announced(f
     info = resolve_model(str(st_folder))
     # then its prompts, default and include_prompt are read, and the worker announced them for light producers
     assert (info.pooling, info.include_prompt, info.default_prompt_name) == ("mean", False, "query")
+    assert info.max_length == MAX_SEQ_LENGTH
     assert info.prompts["query"] == PROMPTS["query"] and info.prompts["doc"] == PROMPTS["doc"]
     redis_client = Broker(fleet.broker_url, fleet.prefix, "valkey").client()
     announced = json.loads(redis_client.hget(f"{fleet.prefix}:models", info.name))  # type: ignore[arg-type]
@@ -179,7 +184,14 @@ def test_embed_cuts_and_prompts_a_corpus_and_records_both(fleet: Fleet, st_folde
     # when a corpus is embedded with a prompt name and fewer dimensions on the running fleet
     out = tmp_path / "out.npy"
     flags = ("--broker", fleet.broker_url, "--prompt-name", "doc", "--dimensions", "16", "--no-progress")
-    done = run_embedq("embed", str(corpus), "-o", str(out), *flags, env=env)
+    commands = [
+        (str(corpus), "-o", str(out), *flags),
+        # and a prompt name or width the model does not have, at the same time
+        (str(corpus), "-o", str(tmp_path / "x.npy"), "--prompt-name", "passage"),
+        (str(corpus), "-o", str(tmp_path / "y.npy"), "--dimensions", "33"),
+    ]
+    with ThreadPoolExecutor(len(commands)) as pool:
+        done, unknown, wide = pool.map(lambda args: run_embedq("embed", *args, env=env), commands)
     assert done.returncode == 0, done.stderr + fleet.output()
     # then the rows are ST's, 16 wide, and the manifest says so
     reference = SentenceTransformer(str(st_folder), device="cpu", truncate_dim=16).encode(
@@ -190,10 +202,8 @@ def test_embed_cuts_and_prompts_a_corpus_and_records_both(fleet: Fleet, st_folde
     assert (manifest["dim"], manifest["dimensions"]) == (16, 16)
     assert (manifest["prompt_name"], manifest["prompt"]) == ("doc", PROMPTS["doc"])
     # and a prompt name or width the model does not have is exit 2, naming the flag, before anything is sent
-    unknown = run_embedq("embed", str(corpus), "-o", str(tmp_path / "x.npy"), "--prompt-name", "passage", env=env)
     assert unknown.returncode == 2, unknown.stderr
     assert "--prompt-name passage: model tiny-st-prompts declares these prompts: doc, document, query" in unknown.stderr
-    wide = run_embedq("embed", str(corpus), "-o", str(tmp_path / "x.npy"), "--dimensions", "33", env=env)
     assert wide.returncode == 2 and "--dimensions 33: model tiny-st-prompts makes 32-dimensional" in wide.stderr
 
 
