@@ -26,8 +26,10 @@ from producer.serve.client import EmbedClient
 from tests.conftest import Broker, run_embedq, wait_until, write_texts_jsonl
 from tests.serving import Fleet, http
 from workers.encoder import Encoder
+from workers.protocol import model_registry
 from workers.protocol.dimensions import DimensionsUnsupported
 from workers.protocol.errors import RequestTimeout
+from workers.protocol.keys import Keys
 from workers.protocol.model_info import resolve_model
 from workers.protocol.prompts import UnknownPrompt
 
@@ -100,9 +102,14 @@ def test_the_folder_s_prompts_and_pooling_are_read_without_torch_and_announced(f
     assert info.max_length == MAX_SEQ_LENGTH
     assert info.prompts["query"] == PROMPTS["query"] and info.prompts["doc"] == PROMPTS["doc"]
     redis_client = Broker(fleet.broker_url, fleet.prefix, "valkey").client()
-    announced = json.loads(redis_client.hget(f"{fleet.prefix}:models", info.name))  # type: ignore[arg-type]
+    announced = model_registry.lookup(redis_client, Keys(fleet.prefix), info.name)
     redis_client.close()
-    assert announced["prompts"] == info.prompts and announced["include_prompt"] is False
+    assert announced is not None
+    assert (announced.prompts, announced.default_prompt_name, announced.include_prompt) == (
+        info.prompts,
+        "query",
+        False,
+    )
 
 
 def test_the_client_matches_sentence_transformers_prompts_and_the_cache_keeps_them_apart(
@@ -122,6 +129,7 @@ def test_the_client_matches_sentence_transformers_prompts_and_the_cache_keeps_th
         hits = client.stats["cache_hits"]
         np.testing.assert_array_equal(client.embed(TEXTS, prompt_name="doc"), doc)
         assert client.stats["cache_hits"] == hits + len(TEXTS)
+        assert client.embed(TEXTS, prompt_name="doc", dimensions=8).shape == (len(TEXTS), 8)  # keyed by width too
         # an unknown name fails at once, listing the folder's names
         with pytest.raises(UnknownPrompt, match="declares these prompts: doc, document, query"):
             client.embed(TEXTS, prompt_name="passage")
@@ -148,11 +156,15 @@ def test_every_pooling_matches_sentence_transformers_with_a_prompt(
 ) -> None:
     folder = build_st_folder(tiny_bert, tmp_path / "st", pooling=pooling, include_prompt=include_prompt)
     info = resolve_model(str(folder))
-    ours = Encoder.load(info, "cpu").encode(TEXTS, pooling=info.pooling, prompt=PROMPTS["doc"], dimensions=8)
-    reference = SentenceTransformer(str(folder), device="cpu", truncate_dim=8).encode(
-        TEXTS, prompt_name="doc", normalize_embeddings=True
-    )
-    assert cosines(ours.embeddings, reference).min() >= MIN_COS
+    encoder = Encoder.load(info, "cpu")
+    reference = SentenceTransformer(str(folder), device="cpu", truncate_dim=8)
+    # cut, then normalised (unit length) ...
+    ours = encoder.encode(TEXTS, pooling=info.pooling, prompt=PROMPTS["doc"], dimensions=8).embeddings
+    assert cosines(ours, reference.encode(TEXTS, prompt_name="doc", normalize_embeddings=True)).min() >= MIN_COS
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    # ... or just cut with normalize=False (--no-normalize)
+    raw = encoder.encode(TEXTS, pooling=info.pooling, prompt=PROMPTS["doc"], dimensions=8, normalize=False)
+    np.testing.assert_allclose(raw.embeddings, reference.encode(TEXTS, prompt_name="doc"), rtol=1e-4, atol=1e-5)
 
 
 def test_the_openai_package_gets_prompt_name_and_dimensions(fleet: Fleet, st_folder: Path) -> None:
