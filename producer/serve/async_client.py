@@ -74,7 +74,7 @@ class AsyncEmbedClient(_ClientBase):
     ) -> tuple[np.ndarray, int]:
         """The matrix and the tokens the workers embedded for it (cached texts cost none)."""
         core = self._core
-        request = core.plan(texts, core.request_options(prompt_name, prompt, dimensions))
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
         if core.cache is not None and request.unique:
             values = cast(list[bytes | None], await self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -32,9 +32,9 @@ from celery import Celery
 from producer.job.broker import send_chunk, sender_app
 from producer.job.readers import check_text
 from producer.serve.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
+from producer.serve.request_options import request_options
 from workers.protocol import deadlines, events
 from workers.protocol.config import Settings
-from workers.protocol.dimensions import check_dimensions
 from workers.protocol.errors import (
     BrokerUnavailable,
     EmbedqError,
@@ -47,7 +47,6 @@ from workers.protocol.errors import (
 from workers.protocol.keys import Keys, connect
 from workers.protocol.model_info import DEFAULT_MODEL_NAME, ModelInfo
 from workers.protocol.model_registry import describe
-from workers.protocol.prompts import UnknownPrompt, resolve_prompt
 from workers.protocol.queues import INTERACTIVE, queue_depth
 from workers.protocol.store import RedisStore
 
@@ -140,31 +139,6 @@ class _Core:
         self.app = sender_app(self.settings)
         self.requests = 0
         self.texts = 0
-
-    def request_options(
-        self, prompt_name: str | None = None, prompt: str | None = None, dimensions: int | None = None
-    ) -> dict[str, Any]:
-        """A request's own task options: the prompt text it resolves to and the dimensions it keeps.
-
-        UnknownPrompt or DimensionsUnsupported (both ConfigError) before anything is sent.
-        """
-        extra: dict[str, Any] = {}
-        if self.model.pooling:  # described (folder or fleet): its prompts are known, the default included
-            text = resolve_prompt(self.model, prompt_name, prompt)
-            # Sent only when it says something, so that the cache keys of requests without prompts stay as they were.
-            if text or self.model.default_prompt_name is not None:
-                extra["prompt"] = text
-        elif prompt_name is not None:
-            raise UnknownPrompt(
-                f"prompt name {prompt_name!r}: the prompts of model {self.model.name} are not known here "
-                "(no folder to read and no worker has announced it); pass the prompt text instead"
-            )
-        elif prompt is not None:
-            extra["prompt"] = resolve_prompt(self.model, None, prompt)
-        cut = check_dimensions(dimensions, self.dim, self.model.name)
-        if cut is not None and cut != self.dim:
-            extra["dimensions"] = cut
-        return extra
 
     def plan(self, texts: Any, extra: dict[str, Any] | None = None) -> _Request:
         valid = validate_texts(texts)
@@ -329,7 +303,7 @@ class _ClientBase:
     ) -> dict[str, Any]:
         """The task options a request with these arguments would send (its resolved prompt text and
         dimensions); UnknownPrompt or DimensionsUnsupported (both ConfigError) now, before anything is sent."""
-        return self._core.request_options(prompt_name, prompt, dimensions)
+        return request_options(self._core.model, self._core.dim, prompt_name, prompt, dimensions)
 
     @property
     def dim(self) -> int:
@@ -377,10 +351,9 @@ class EmbedClient(_ClientBase):
     ) -> np.ndarray:
         """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order.
 
-        `prompt_name` picks one of the model folder's sentence-transformers prompts (its default applies when
-        neither it nor `prompt`, a text of your own, is given); `dimensions` keeps the first N components,
-        L2-normalised again unless the client was made with normalize=False. Workers drop the request's
-        chunks that they reach only after `timeout`.
+        `prompt_name`: one of the folder's sentence-transformers prompts (else `prompt`, a text of your own, else
+        its default); `dimensions`: the first N components, normalised unless normalize=False. Workers drop the
+        chunks they reach after `timeout`.
         """
         handle = self.submit(texts, expires_s=timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions)
         return handle.result(timeout)
@@ -400,7 +373,7 @@ class EmbedClient(_ClientBase):
         With `expires_s`, workers drop the request's chunks they reach only after that many seconds, unrun.
         """
         core = self._core
-        request = core.plan(texts, core.request_options(prompt_name, prompt, dimensions))
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
         if core.cache is not None and request.unique:
             values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
             with self.redis.pipeline(transaction=False) as pipe:
