@@ -36,6 +36,8 @@ from workers.protocol.prompts import UnknownPrompt
 TEXTS = ["The cat sat on the mat.", "", "  leading and trailing spaces  ", "naïve café ünïcode ✓", "word " * 40]
 PROMPTS = {"query": "query: ", "doc": "Represent this passage for retrieval: "}
 MIN_COS = 0.99999
+#: The gateway's request timeout: short, for the deadline test; still far above what the tiny model takes.
+GATEWAY_TIMEOUT_S = 3
 #: Below the tiny BERT's 128 positions: ST >= 5 keeps it as the tokenizer's model_max_length.
 MAX_SEQ_LENGTH = 48
 
@@ -74,7 +76,7 @@ def fleet(valkey: object, st_folder: Path, tmp_path_factory: pytest.TempPathFact
     serving = Fleet(valkey.url, st_folder, tmp_path_factory.mktemp("prompts"))  # type: ignore[attr-defined]
     try:
         log = serving.start_worker(wait=False)  # the gateway starts while the worker loads its model
-        serving.base = serving.start_gateway()  # type: ignore[attr-defined]
+        serving.base = serving.start_gateway("--timeout", str(GATEWAY_TIMEOUT_S))  # type: ignore[attr-defined]
         serving.wait_ready(log)
         yield serving
     finally:
@@ -227,17 +229,22 @@ def test_a_request_whose_deadline_passed_in_the_queue_is_dropped_unrun_and_count
     docs_before, expired_before = metric(fleet, "embedq_docs_total"), metric(fleet, expired)
     worker = fleet.processes[0]
     paused = [worker.pid, *children_of(worker.pid)]
-    # given a worker paused (SIGSTOP) while a request with a 0.5 s timeout waits for it
+    # given a worker paused (SIGSTOP) while two requests wait for it: the client's (timeout=0.5) and the
+    # gateway's (--timeout GATEWAY_TIMEOUT_S, a 504)
     for pid in paused:
         os.kill(pid, signal.SIGSTOP)
     try:
-        with EmbedClient(settings=fleet.settings) as client, pytest.raises(RequestTimeout):
-            client.embed(["a text nobody waits for any more"], timeout=0.5)
+        with ThreadPoolExecutor(1) as pool:
+            body = {"input": "another text nobody waits for"}
+            via_gateway = pool.submit(http, "POST", f"{fleet.base}/v1/embeddings", body)  # type: ignore[attr-defined]
+            with EmbedClient(settings=fleet.settings) as client, pytest.raises(RequestTimeout):
+                client.embed(["a text nobody waits for any more"], timeout=0.5)
+            assert via_gateway.result()[0] == 504
     finally:
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
-    # when the worker resumes and picks the chunk up, its deadline has passed
-    assert wait_until(lambda: metric(fleet, expired) == expired_before + 1, 30), fleet.output()
+    # when the worker resumes and picks their chunks up, their deadlines have passed
+    assert wait_until(lambda: metric(fleet, expired) == expired_before + 2, 30), fleet.output()
     # then it was dropped without running the model, and the worker still serves the next request
     assert metric(fleet, "embedq_docs_total") == docs_before
     with EmbedClient(settings=fleet.settings) as client:
