@@ -366,5 +366,6 @@ def test_a_hub_name_in_the_local_cache_resolves_offline_from_its_json_files(tmp_
     # then width, pooling and length come from those files, and workers are told to load it by name
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
-        "ModelInfo(name='org/name', path='org/name', is_local=False, pooling='cls', max_length=64, dim=48)"
+        "ModelInfo(name='org/name', path='org/name', is_local=False, pooling='cls', max_length=64, dim=48, "
+        "prompts={}, default_prompt_name=None, include_prompt=True)"
     )

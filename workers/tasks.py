@@ -15,10 +15,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from workers import runtime
 from workers.app import app
 from workers.lease import ChunkLease
-from workers.protocol import events
+from workers.protocol import deadlines, events
 from workers.protocol.config import TASK_EMBED_CHUNK
 from workers.protocol.errors import EmbedqError, ModelMismatch, is_retryable
 from workers.protocol.long_docs import TRUNCATE
+from workers.protocol.prompts import resolve_prompt
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()
@@ -63,11 +64,25 @@ def _drop(ctx: runtime.WorkerContext, job: str, chunk: int, attempt: int, why: s
     return {"chunk": chunk, "attempt": attempt, "dropped": why}
 
 
+def _expire(
+    task: Any, ctx: runtime.WorkerContext, job: str, chunk: int, attempt: int, late_s: float, options: dict[str, Any]
+) -> dict[str, Any]:
+    lane = deadlines.lane_of((task.request.delivery_info or {}).get("routing_key"))
+    model = str(options.get("model") or ctx.model.name)
+    log.info("job %s chunk %d dropped unrun: its deadline passed %.1f s ago", job, chunk, late_s)
+    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        ctx.coordination.hincrby(ctx.keys.stats(), deadlines.stats_field(lane, model), 1)
+    return {"chunk": chunk, "attempt": attempt, "dropped": f"its deadline passed {late_s:.1f} s ago", "expired": True}
+
+
 @app.task(name=TASK_EMBED_CHUNK, bind=True, max_retries=5)
 def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
     """Embed `texts` (chunk `chunk` of job `job`), store the float32 matrix, report small metadata."""
     ctx = runtime.current()
     attempt = int(options.get("attempt", 0))
+    late_s = deadlines.seconds_late(options)
+    if late_s is not None:  # its caller gave up: nothing to run, store or report
+        return _expire(self, ctx, job, chunk, attempt, late_s, options)
     why = settled(ctx, job, chunk)
     if why:
         return _drop(ctx, job, chunk, attempt, why)
@@ -125,6 +140,9 @@ def _embed_and_store(
             dtype=options.get("dtype") or ctx.settings.dtype,
             batch_tokens=int(options.get("batch_tokens") or ctx.settings.batch_tokens),
             long=options.get("long") or TRUNCATE,
+            # Absent from tasks of producers that could not read the model's prompts: its default applies then.
+            prompt=resolve_prompt(ctx.model) if options.get("prompt") is None else str(options["prompt"]),
+            dimensions=options.get("dimensions"),
         )
         if lease.lost.is_set():
             return _drop(ctx, job, chunk, attempt, "its lease was lost while it ran (another copy was sent)")

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from producer.cli import exitcodes
 from producer.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
+from producer.cli.vector_flags import add_vector_flags, vector_options
 from producer.job.chunk_plan import MIN_TAIL_ROWS
 from producer.job.quantize import PRECISIONS
 from workers.protocol import extras
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "average them into its row; chunks: one row per window (Parquet: id, window, token_start, token_end)",
     )
     embed.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
+    add_vector_flags(embed)
     embed.add_argument("--text-field", default="text", help="JSONL key or CSV column holding the text")
     embed.add_argument(
         "--id-field", default="id", help="JSONL key or CSV column holding the record id (missing: the line number)"
@@ -299,7 +301,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
         open_input(args.input).close()
     # Read from the model's folder; a light install asks the fleet for what it cannot read.
     model = describe(settings, pooling=args.pooling, max_length=args.max_length)
-    check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim, precision=args.precision)
+    vectors = vector_options(args, model)
+    if args.long != TRUNCATE and vectors["prompt"]:
+        raise ConfigError(
+            f"--long {args.long} with a prompt ({vectors['prompt_name'] or 'given'}): windows take no prompt yet; "
+            "use --long truncate, or --prompt '' to embed without one"
+        )
+    check_output(
+        args.output,
+        rows_hint=count_lines(args.input) or 0,
+        dim=vectors["dimensions"] or model.dim,
+        precision=args.precision,
+    )
     if args.on_invalid == "fail":
         check_first_records(
             args.input,
@@ -327,6 +340,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout,
         workers_lost_s=args.workers_lost_timeout,
         long=args.long,
+        **vectors,
     )
     say = _say
     if not embedded:

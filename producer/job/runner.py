@@ -140,7 +140,7 @@ class Job:
     def run(self) -> JobReport:
         started = time.monotonic()
         partial = open_partial(
-            self.output, self.options.model.dim, self.job_id, self.options.long, self.options.precision
+            self.output, self.options.output_dim, self.job_id, self.options.long, self.options.precision
         )
         self._record_job_start()
         earlier = self._earlier_results(partial)
@@ -382,10 +382,13 @@ class Job:
             "output": self.output,
             "model": self.options.model.name,
             "model_path": self.options.model.path,
-            "dim": self.options.model.dim,
+            "dim": self.options.output_dim,
             "pooling": self.options.model.pooling,
             "max_length": self.options.model.max_length,
             "normalize": self.options.normalize,
+            "prompt_name": self.options.prompt_name,
+            "prompt": self.options.prompt,
+            "dimensions": self.options.dimensions,
             "dtype": ",".join(sorted(report.dtypes)) or self.options.dtype,
             "rows": report.rows,
             "chunks": report.chunks,

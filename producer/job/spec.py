@@ -48,6 +48,16 @@ class JobOptions:
     broker_retry_s: float = 300.0
     #: What becomes of a document over the model's length (workers/protocol/long_docs.py).
     long: str = TRUNCATE
+    #: The prompt text prepended to every text (workers/protocol/prompts.py), and the name it came from.
+    prompt: str = ""
+    prompt_name: str | None = None
+    #: Leading components kept of each vector (Matryoshka), None for all of them.
+    dimensions: int | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output rows: the dimensions kept, else the model's."""
+        return self.dimensions or self.model.dim
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -62,6 +72,11 @@ class JobOptions:
             options["batch_tokens"] = self.batch_tokens
         if self.long != TRUNCATE:  # absent under truncate, so that such jobs keep the ids they always had
             options["long"] = self.long
+        # Sent only when asked for, so that the ids of jobs that use neither stay what they were (they resume).
+        if self.prompt or self.model.default_prompt_name is not None:
+            options["prompt"] = self.prompt
+        if self.dimensions:
+            options["dimensions"] = self.dimensions
         return options
 
 

@@ -28,9 +28,7 @@ TABLE_ROW_BYTES = 4 * len(WINDOW_COLUMNS)
 _BLOCK_ROWS = 65536
 
 
-def open_partial(
-    output: str, dim: int, job_id: str, long: str = TRUNCATE, precision: str = "float32"
-) -> PartialOutput:
+def open_partial(output: str, dim: int, job_id: str, long: str = TRUNCATE, precision: str = "float32") -> PartialOutput:
     """The partial output a job with this long-document policy and output precision writes."""
     if long != CHUNKS:
         return PartialOutput(output, dim, job_id, precision)

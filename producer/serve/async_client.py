@@ -47,19 +47,36 @@ class AsyncEmbedClient(_ClientBase):
         """Messages waiting in the interactive queue."""
         return await queue_depth_async(self.redis, self._core.keys, INTERACTIVE)
 
-    async def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
-        """Embed `texts` -> float32 (n, dim); see `embed_with_usage` for the token count too."""
-        matrix, _ = await self.embed_with_usage(texts, timeout)
+    async def embed(
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` -> float32 (n, dim); see `EmbedClient.embed` for the options, `embed_with_usage` for
+        the token count too."""
+        matrix, _ = await self.embed_with_usage(
+            texts, timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions
+        )
         return matrix
 
     async def embed_with_usage(
-        self, texts: str | Sequence[str], timeout: float | None = 30.0
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
     ) -> tuple[np.ndarray, int]:
         """The matrix and the tokens the workers embedded for it (cached texts cost none)."""
         core = self._core
-        request = core.plan(texts)
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
         if core.cache is not None and request.unique:
-            values = cast(list[bytes | None], await self.redis.mget(core.cache.keys_for(request.unique)))
+            values = cast(list[bytes | None], await self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, amount in core.apply_cache(request, values).items():
                     pipe.hincrby(core.keys.stats(), name, amount)
@@ -76,7 +93,7 @@ class AsyncEmbedClient(_ClientBase):
         finally:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self.redis.delete(*core.cleanup_keys(request))
-        return request.matrix(core.dim), request.tokens
+        return request.matrix(request.extra.get("dimensions") or core.dim), request.tokens
 
     async def _take(self, request: _Request, event: events.ChunkEvent) -> None:
         """Fold one event in: fetch and forget its result, and cache its rows."""

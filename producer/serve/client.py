@@ -32,7 +32,8 @@ from celery import Celery
 from producer.job.broker import send_chunk, sender_app
 from producer.job.readers import check_text
 from producer.serve.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
-from workers.protocol import events
+from producer.serve.request_options import request_options
+from workers.protocol import deadlines, events
 from workers.protocol.config import Settings
 from workers.protocol.errors import (
     BrokerUnavailable,
@@ -92,6 +93,8 @@ class _Request:
     chunks: dict[int, list[int]] = field(default_factory=dict)
     tokens: int = 0
     failures: list[str] = field(default_factory=list)
+    #: This request's own task options (prompt, dimensions): part of its cache keys.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -137,13 +140,14 @@ class _Core:
         self.requests = 0
         self.texts = 0
 
-    def plan(self, texts: Any) -> _Request:
+    def plan(self, texts: Any, extra: dict[str, Any] | None = None) -> _Request:
         valid = validate_texts(texts)
         unique: dict[str, int] = {}
         slots = [unique.setdefault(text, len(unique)) for text in valid]
         self.requests += 1
         self.texts += len(valid)
-        return _Request(f"req-{uuid.uuid4().hex[:20]}", valid, slots, list(unique), [None] * len(unique))
+        job = f"req-{uuid.uuid4().hex[:20]}"
+        return _Request(job, valid, slots, list(unique), [None] * len(unique), extra=extra or {})
 
     def apply_cache(self, request: _Request, values: Sequence[bytes | None]) -> dict[str, int]:
         """Fill the request from the cache's MGET replies; returns the fleet counters to add."""
@@ -164,10 +168,15 @@ class _Core:
         return sends
 
     def send(self, request: _Request, sends: list[tuple[int, list[str]]], expires_s: float | None = None) -> None:
-        # Expiring with the request: a worker that gets to it after the caller gave up discards it,
-        # so abandoned requests leave no work, no stored array and no events behind.
+        # The request's deadline travels with each chunk: a worker that gets to it after the caller gave up
+        # drops it unrun and counts it (workers/protocol/deadlines.py), so abandoned requests leave no work,
+        # no stored array and no events behind.
+        options = {**self.options, **request.extra}
+        deadline = deadlines.deadline_in(expires_s)
+        if deadline is not None:
+            options[deadlines.OPTION] = deadline
         for index, texts in sends:
-            send_chunk(self.app, request.job, index, texts, self.options, queue=INTERACTIVE, expires_s=expires_s)
+            send_chunk(self.app, request.job, index, texts, options, queue=INTERACTIVE)
 
     def waits(self, request: _Request, timeout_s: float | None) -> Iterator[float]:
         """How long to wait for each next event until the request is done; RequestTimeout past `timeout_s`."""
@@ -195,11 +204,12 @@ class _Core:
         request.tokens += event["tokens"]
         for row, slot in enumerate(slots):
             request.vectors[slot] = array[row]
-        if not self.dim:
+        if not self.dim and "dimensions" not in request.extra:
             self.dim = int(array.shape[1])
         if self.cache is None:
             return []
-        return [(self.cache.key(request.unique[slot]), self.cache.encode(array[row])) for row, slot in enumerate(slots)]
+        keys = self.cache.keys_for([request.unique[slot] for slot in slots], request.extra)
+        return [(key, self.cache.encode(array[row])) for row, key in enumerate(keys)]
 
     def cleanup_keys(self, request: _Request) -> list[str]:
         return [self.keys.events(request.job), self.keys.deliveries(request.job)]
@@ -250,7 +260,7 @@ class EmbedHandle:
                 self._client._take(self._request, timeout_s=wait_s)
         finally:
             self._client._finish(self._request)
-        return self._request.matrix(self._client.dim)
+        return self._request.matrix(self._request.extra.get("dimensions") or self._client.dim)
 
 
 class _ClientBase:
@@ -288,6 +298,13 @@ class _ClientBase:
     def model(self) -> ModelInfo:
         return self._core.model
 
+    def check_options(
+        self, prompt_name: str | None = None, prompt: str | None = None, dimensions: int | None = None
+    ) -> dict[str, Any]:
+        """The task options a request with these arguments would send (its resolved prompt text and
+        dimensions); UnknownPrompt or DimensionsUnsupported (both ConfigError) now, before anything is sent."""
+        return request_options(self._core.model, self._core.dim, prompt_name, prompt, dimensions)
+
     @property
     def dim(self) -> int:
         """Width of the vectors (learnt from the first result when the model folder is not local)."""
@@ -323,19 +340,42 @@ class EmbedClient(_ClientBase):
         """Messages waiting in the interactive queue."""
         return queue_depth(self.redis, self._core.keys, INTERACTIVE)
 
-    def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
-        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order."""
-        return self.submit(texts, expires_s=timeout).result(timeout)
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order.
 
-    def submit(self, texts: str | Sequence[str], expires_s: float | None = None) -> EmbedHandle:
-        """Send the request and return at once; InvalidRecords if any text is not a valid string.
+        `prompt_name`: one of the folder's sentence-transformers prompts (else `prompt`, a text of your own, else
+        its default); `dimensions`: the first N components, normalised unless normalize=False. Workers drop the
+        chunks they reach after `timeout`.
+        """
+        handle = self.submit(texts, expires_s=timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions)
+        return handle.result(timeout)
 
-        With `expires_s`, workers discard the request's chunks they reach only after that many seconds.
+    def submit(
+        self,
+        texts: str | Sequence[str],
+        expires_s: float | None = None,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> EmbedHandle:
+        """Send the request and return at once; InvalidRecords if any text is not a valid string, UnknownPrompt
+        or DimensionsUnsupported (both ConfigError) for a prompt name or width the model does not have.
+
+        With `expires_s`, workers drop the request's chunks they reach only after that many seconds, unrun.
         """
         core = self._core
-        request = core.plan(texts)
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
         if core.cache is not None and request.unique:
-            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique)))
+            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
             with self.redis.pipeline(transaction=False) as pipe:
                 for name, amount in core.apply_cache(request, values).items():
                     pipe.hincrby(core.keys.stats(), name, amount)

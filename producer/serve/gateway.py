@@ -1,6 +1,7 @@
 """The HTTP gateway: OpenAI's embeddings API in front of the worker fleet (`embedq serve`).
 
-    POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64"}
+    POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64",
+                           "dimensions": N, "prompt_name": NAME}
     GET  /v1/models       the model the workers serve
     GET  /health          200 when the broker answers, a worker replies to a ping and one has loaded its model
     GET  /metrics         Prometheus: embedq's fleet counters and the gateway's own request timings
@@ -18,9 +19,9 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -35,7 +36,8 @@ from producer.serve.gateway_guard import ApiError, Guard, install_error_handlers
 from producer.serve.limits import RETRY_AFTER_S, Admission, HttpLimits, Overloaded, protocol_class
 from producer.serve.metrics import fleet_registry, render
 from workers.protocol.config import Settings
-from workers.protocol.errors import InvalidRecords, JobFailed, QueueFull, RequestTimeout
+from workers.protocol.dimensions import DimensionsUnsupported
+from workers.protocol.errors import ConfigError, InvalidRecords, JobFailed, QueueFull, RequestTimeout
 from workers.protocol.keys import connect, redact
 
 MIB = 1 << 20
@@ -106,8 +108,10 @@ def parse_input(raw: Any, max_inputs: int) -> list[str]:
         raise ApiError(400, str(error), param="input", code="invalid_input") from None
 
 
-def parse_options(body: dict[str, Any], served: list[str], dim: int) -> tuple[str, int | None]:
-    """(encoding_format, dimensions) of a request, after checking `model` against the served names."""
+def parse_options(body: dict[str, Any], served: list[str]) -> tuple[str, int | None]:
+    """(encoding_format, dimensions) of a request, after checking `model` against the served names.
+
+    `dimensions` is checked against the model's width by `request_variant`."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
@@ -124,15 +128,24 @@ def parse_options(body: dict[str, Any], served: list[str], dim: int) -> tuple[st
     dimensions = body.get("dimensions")
     if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
         raise ApiError(400, f"'dimensions' must be a positive integer, got {dimensions!r:.80}", param="dimensions")
-    if dimensions is not None and dim and dimensions != dim:
-        raise ApiError(
-            400,
-            f"'dimensions' {dimensions}: {served[0]} only makes {dim}-dimensional vectors; "
-            "omit 'dimensions' or pass that number",
-            param="dimensions",
-            code="dimensions_unsupported",
-        )
     return encoding_format, dimensions
+
+
+def request_variant(
+    client: AsyncEmbedClient, body: dict[str, Any], dimensions: int | None
+) -> tuple[tuple[str, Any], ...]:
+    """The request's `prompt_name` and `dimensions` as keyword pairs for the client, checked now (a clear 400)
+    so that one bad request never fails the others coalesced with it."""
+    prompt_name = body.get("prompt_name")
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise ApiError(400, f"'prompt_name' must be a string, got {type(prompt_name).__name__}", param="prompt_name")
+    try:
+        client.check_options(prompt_name=prompt_name, dimensions=dimensions)
+    except DimensionsUnsupported as error:
+        raise ApiError(400, str(error), param="dimensions", code="dimensions_unsupported") from None
+    except ConfigError as error:
+        raise ApiError(400, str(error), param="prompt_name", code="prompt_name_unknown") from None
+    return (("prompt_name", prompt_name), ("dimensions", dimensions))
 
 
 def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:
@@ -202,7 +215,12 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
     )
     sync_redis = connect(settings.broker_url, check=False)
     admission = Admission(opts.max_concurrency, opts.max_waiting, opts.timeout_s)
-    coalescer = Coalescer(lambda texts, timeout_s: client.embed_with_usage(texts, timeout=timeout_s))
+
+    async def embed_variant(texts: list[str], timeout_s: float, variant: Hashable) -> tuple[np.ndarray, int]:
+        options = dict(cast(tuple[tuple[str, Any], ...], variant))  # request_variant's (name, value) pairs
+        return await client.embed_with_usage(texts, timeout=timeout_s, **options)
+
+    coalescer = Coalescer(embed_variant)
     probes = Admission(MAX_PROBES, 4 * MAX_PROBES)
 
     @contextlib.asynccontextmanager
@@ -253,7 +271,8 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
                 param="input",
                 code="input_too_large",
             )
-        encoding_format, dimensions = parse_options(body, model_ids(client), client.dim)
+        encoding_format, dimensions = parse_options(body, model_ids(client))
+        variant = request_variant(client, body, dimensions)
         depth = await client.queue_depth()
         if depth >= opts.max_queue:
             queue_full = QueueFull(
@@ -261,7 +280,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
             )
             raise overloaded(queue_full, "queue_full")
         try:
-            matrix, tokens = await coalescer.embed(texts, opts.timeout_s)
+            matrix, tokens = await coalescer.embed(texts, opts.timeout_s, variant)
         except InvalidRecords as error:
             raise ApiError(400, str(error), param="input", code="invalid_input") from None
         except RequestTimeout as error:
@@ -272,13 +291,6 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
             raise ApiError(
                 503, f"broker unreachable: {error}", kind="server_error", code="broker_unavailable"
             ) from None
-        if dimensions is not None and dimensions != matrix.shape[1]:
-            raise ApiError(
-                400,
-                f"'dimensions' {dimensions}: this model makes {matrix.shape[1]}-dimensional vectors",
-                param="dimensions",
-                code="dimensions_unsupported",
-            )
         rows = encode_rows(matrix, encoding_format)
         return JSONResponse(
             {

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from workers.protocol.deadlines import expired_counts
 from workers.protocol.events import RESEND_REASONS
 from workers.protocol.keys import Keys
 from workers.protocol.liveness import live_workers
@@ -76,6 +77,14 @@ class FleetCollector(Collector):
         for reason in RESEND_REASONS:
             resent.add_metric([reason], float(stats.get(f"resent_{reason}", 0)))
         yield resent
+        expired = CounterMetricFamily(
+            "embedq_chunks_expired",
+            "Chunks dropped unrun because their request's deadline had passed when a worker picked them up",
+            labels=["model", "lane"],
+        )
+        for model, lane, count in expired_counts(stats):
+            expired.add_metric([model, lane], float(count))
+        yield expired
         for field, (name, help_text, scale) in _COUNTERS.items():
             yield CounterMetricFamily(name, help_text, value=stats.get(field, 0) * scale)
         padded = stats.get("padded_tokens", 0)

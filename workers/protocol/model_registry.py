@@ -1,6 +1,6 @@
 """The models the fleet serves, as workers announce them: how a light install describes a model.
 
-A producer needs a model's width, pooling and length limit before it sends a chunk (the output file
+A producer needs a model's width, pooling, length limit and prompts before it sends a chunk (the output file
 is laid out by width). It reads them from the model's folder when it has one; a light install
 (`pip install embedq`, no worker extra) has neither the packaged default nor the hub client, so it
 asks the fleet instead: each pool child records its model in the `Keys.models()` hash as it loads.
@@ -28,8 +28,19 @@ def encode(model: ModelInfo) -> str:
 def decode(raw: bytes | str) -> ModelInfo:
     """The model as announced, named but not local: its folder is on the worker's machine."""
     data = json.loads(raw)
+    # Prompts arrived later: an announcement from an older worker has none (and includes them when pooling).
+    prompts = {str(k): str(v) for k, v in (data.get("prompts") or {}).items()}
+    default = data.get("default_prompt_name")
     return ModelInfo(
-        str(data["name"]), str(data["name"]), False, str(data["pooling"]), int(data["max_length"]), int(data["dim"])
+        str(data["name"]),
+        str(data["name"]),
+        False,
+        str(data["pooling"]),
+        int(data["max_length"]),
+        int(data["dim"]),
+        prompts,
+        str(default) if default is not None and str(default) in prompts else None,
+        bool(data.get("include_prompt", True)),
     )
 
 
