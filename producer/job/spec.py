@@ -12,6 +12,7 @@ from typing import Any
 from producer.job.chunk_plan import MIN_TAIL_ROWS
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,6 @@ class JobOptions:
     tail_split: int = 0
     #: ... but never below this many rows (producer/job/chunk_plan.py MIN_TAIL_ROWS).
     min_chunk_rows: int = MIN_TAIL_ROWS
-    queue: str = BULK
     text_field: str = "text"
     id_field: str = "id"
     input_format: str = "auto"
@@ -42,6 +42,11 @@ class JobOptions:
     max_sends: int = 3
     #: How long to keep trying while the broker is unreachable mid-job.
     broker_retry_s: float = 300.0
+
+    @property
+    def queue(self) -> str:
+        """The model's bulk queue: every send of the job goes there, re-sends and backups too."""
+        return queue_name(BULK, self.model.name)
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
