@@ -260,7 +260,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
         depth = await target.queue_depth()
         if depth >= opts.max_queue:
             queue_full = QueueFull(
-                f"the interactive queue of {target.model.name} holds {depth} requests (limit {opts.max_queue}); "
+                f"the interactive queue holds {depth} requests for {target.model.name} (limit {opts.max_queue}); "
                 "retry shortly"
             )
             raise overloaded(queue_full, "queue_full")

@@ -47,7 +47,8 @@ def not_served(model: str, served: Iterable[str], where: str = "", lane: str | N
     names = sorted(served)
     on_lane = f" on the {lane!r} lane" if lane else ""
     return ModelNotServed(
-        f"model {model!r} is not served by any live worker{where}{on_lane}; served: {', '.join(names) or 'none'} "
+        f"model {model!r} is not served here (no live worker{where} serves it{on_lane}); "
+        f"served: {', '.join(names) or 'none'} "
         f"(pick one of those, or start a worker for it: embedq worker --model {model})",
         model=model,
         served=names,
