@@ -194,5 +194,6 @@ def test_a_repeated_sentence_costs_nothing_and_metrics_show_the_hit(fleet: Fleet
     assert metric(base, "embedq_cache_hits_total") == hits + 1
     assert 0 < metric(base, "embedq_cache_hit_ratio") <= 1
     assert metric(base, "embedq_model_loads_total") >= 1
-    assert metric(base, 'embedq_queue_depth{lane="bulk"}') == 0
+    assert metric(base, f'embedq_queue_depth{{lane="bulk",model="{model_id(fleet)}"}}') == 0
+    assert metric(base, f'embedq_model_docs_total{{model="{model_id(fleet)}"}}') >= docs
     assert "embedq_gateway_request_seconds_bucket" in http("GET", f"{base}/metrics")[1]

@@ -94,7 +94,9 @@ def idle_prefix(served: Served) -> Iterator[str]:
 def _queued(served: Served, prefix: str) -> int:
     client = served.broker.client()
     try:
-        return sum(int(client.llen(f"{prefix}:{queue}")) for queue in ("bulk", "interactive"))
+        # Every model's lanes (workers/protocol/routing.py): `bulk`, `bulk.MODEL`, `interactive`, ...
+        lists = [*client.scan_iter(match=f"{prefix}:bulk*"), *client.scan_iter(match=f"{prefix}:interactive*")]
+        return sum(int(client.llen(name)) for name in lists)
     finally:
         client.close()
 

@@ -33,7 +33,8 @@ def _fail(ctx: runtime.WorkerContext, job: str, chunk: int, reason: str, *, quar
         "quarantined": quarantined,
         "worker": _HOST,
     }
-    events.publish(ctx.coordination, ctx.keys, job, event, {"chunks_failed": 1, "chunks_quarantined": int(quarantined)})
+    stats = {"chunks_failed": 1, "chunks_quarantined": int(quarantined)}
+    events.publish(ctx.coordination, ctx.keys, job, event, stats, model=ctx.model.name)
 
 
 def delivery_field(chunk: int, task_id: str | None, retries: int | None) -> str:
@@ -112,7 +113,9 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         meta = _embed_and_store(self, ctx, job, chunk, texts, options, lease)
     if "dropped" not in meta:
         meta["worker"] = worker
-        events.publish(ctx.coordination, ctx.keys, job, cast(events.ChunkDone, meta), _stats_of(meta))
+        events.publish(
+            ctx.coordination, ctx.keys, job, cast(events.ChunkDone, meta), _stats_of(meta), model=ctx.model.name
+        )
     return meta
 
 

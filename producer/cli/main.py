@@ -60,7 +60,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model folder or hub name (default: the packaged all-MiniLM-L6-v2)",
+        help="local Hugging Face model folder or hub name, or with --broker a model the fleet serves "
+        "(default: the packaged all-MiniLM-L6-v2)",
     )
     parser.add_argument(
         "--dtype",
@@ -233,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--start-method", choices=("fork", "spawn"), default=None, help="prefork start method (default: fork)"
     )
-    worker.add_argument("--queues", type=_queues, default="interactive,bulk", help="queues in priority order")
+    worker.add_argument(
+        "--queues",
+        type=_queues,
+        default="interactive,bulk",
+        help="lanes in priority order; a model other than the packaged one gets its own queues, LANE.MODEL",
+    )
     worker.add_argument("-n", "--hostname", default=None, help="worker name (default: embedq@HOSTNAME)")
     worker.add_argument(
         "--loglevel",
@@ -262,12 +268,12 @@ def _queues(text: str) -> str:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from producer.job.fleet_model import job_model
     from producer.job.output import output_kind
     from producer.job.preflight import check_first_records, check_output, check_results, wait_for_consumers
     from producer.job.readers import count_lines, detect_format, open_input
     from producer.job.runner import Job
     from producer.job.spec import JobOptions
-    from workers.protocol.model_registry import describe
     from workers.protocol.store import parse_store_spec
 
     settings = _settings_from(args)
@@ -299,8 +305,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     # Fail fast, before anything starts: the input, the model, the output.
     if args.input != "-":
         open_input(args.input).close()
-    # Read from the model's folder; a light install asks the fleet for what it cannot read.
-    model = describe(settings, pooling=args.pooling, max_length=args.max_length)
+    # Read from the model's folder; a light install asks the fleet for what it cannot read. On a fleet, a model
+    # no live worker serves is refused here, naming those served (producer/job/fleet_model.py).
+    model = job_model(
+        settings,
+        on_fleet=not embedded,
+        check_served=args.worker_check,
+        wait_s=args.wait_for_workers,
+        pooling=args.pooling,
+        max_length=args.max_length,
+    )
     vectors = vector_options(args, model)
     if args.long != TRUNCATE and vectors["prompt"]:
         raise ConfigError(
@@ -412,13 +426,17 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
     if args.start_method:
         chosen = chosen.replace(pool_start_method=args.start_method)
     threads = threads_per_child(chosen.replace(pool_concurrency=1 if pool == "threads" else concurrency))
+    from workers.protocol.routing import worker_queues
+
+    # --queues names lanes; the worker consumes its own model's queues for them (workers/protocol/routing.py).
+    queues = worker_queues(chosen.model, args.queues.split(","))
     command = worker_command(concurrency, pool, hostname=args.hostname or "embedq@%h", loglevel=args.loglevel)
-    command[command.index("-Q") + 1] = args.queues
+    command += ["-Q", ",".join(queues)]
     env = {**os.environ, **chosen.to_env()}
     line = (
         f"worker: pool {pool}{' (' + chosen.pool_start_method + ')' if pool == 'prefork' else ''}, "
         f"{concurrency} {'threads' if pool == 'threads' else 'children'} x {threads} torch threads, "
-        f"dtype {chosen.dtype}, broker {chosen.broker_url.split('@')[-1]}"
+        f"dtype {chosen.dtype}, queues {','.join(queues)}, broker {chosen.broker_url.split('@')[-1]}"
     )
     return command, env, line
 

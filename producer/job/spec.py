@@ -13,6 +13,7 @@ from producer.job.chunk_plan import MIN_TAIL_ROWS
 from workers.protocol.long_docs import TRUNCATE
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,6 @@ class JobOptions:
     tail_split: int = 0
     #: ... but never below this many rows (producer/job/chunk_plan.py MIN_TAIL_ROWS).
     min_chunk_rows: int = MIN_TAIL_ROWS
-    queue: str = BULK
     text_field: str = "text"
     id_field: str = "id"
     input_format: str = "auto"
@@ -58,6 +58,11 @@ class JobOptions:
     def output_dim(self) -> int:
         """Width of the output rows: the dimensions kept, else the model's."""
         return self.dimensions or self.model.dim
+
+    @property
+    def queue(self) -> str:
+        """The model's bulk queue: every send of the job goes there, re-sends and backups too."""
+        return queue_name(BULK, self.model.name)
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

@@ -41,13 +41,16 @@ from workers.protocol.errors import (
     InvalidRecords,
     JobFailed,
     ModelError,
+    ModelNotServed,
     RequestTimeout,
     ResultMissing,
 )
-from workers.protocol.keys import Keys, connect
-from workers.protocol.model_info import DEFAULT_MODEL_NAME, ModelInfo
+from workers.protocol.keys import Keys, connect, redact
+from workers.protocol.model_info import ModelInfo, model_identity
 from workers.protocol.model_registry import describe
 from workers.protocol.queues import INTERACTIVE, queue_depth
+from workers.protocol.routing import queue_name
+from workers.protocol.served import ServedView
 from workers.protocol.store import RedisStore
 
 #: Texts per task: small, so that a large request spreads over every worker.
@@ -71,12 +74,14 @@ def validate_texts(texts: Any) -> list[str]:
 
 
 def served_model(settings: Settings) -> ModelInfo:
-    """The model the workers are asked for: read from its folder, else as the fleet announced it (a light
-    install); one that neither describes is named only, and its width learnt from the first result."""
+    """The model the workers are asked for: as the fleet announced it, else read from its folder; one that
+    neither describes is named only, and its width learnt from the first result."""
     try:
-        return describe(settings)
+        return describe(settings, prefer_fleet=True)
     except (ModelError, BrokerUnavailable):
-        name = settings.model.rstrip("/").rsplit("/", 1)[-1] or DEFAULT_MODEL_NAME
+        # A folder on the workers' machines is known by its folder's name (workers/protocol/model_info.py).
+        looks_like_path = settings.model.startswith(("/", ".", "~"))
+        name = settings.model.rstrip("/").rsplit("/", 1)[-1] if looks_like_path else model_identity(settings.model)
         return ModelInfo(name, settings.model, False, "", 0, 0)
 
 
@@ -129,6 +134,10 @@ class _Core:
         self.settings = base.replace(**changes) if changes else base
         self.keys = Keys(self.settings.key_prefix)
         self.model = served_model(self.settings)
+        #: This model's interactive queue: only its workers take the request's chunks (workers/protocol/routing.py).
+        self.queue = queue_name(INTERACTIVE, self.model.name)
+        #: Which models live workers serve on the interactive lane: a request for another fails at once.
+        self.served = ServedView(self.keys, INTERACTIVE)
         self.dim = self.model.dim
         self.chunk_rows = max(1, chunk_rows)
         self.options: dict[str, Any] = {"model": self.model.name, "normalize": normalize, "results": "redis"}
@@ -176,7 +185,7 @@ class _Core:
         if deadline is not None:
             options[deadlines.OPTION] = deadline
         for index, texts in sends:
-            send_chunk(self.app, request.job, index, texts, options, queue=INTERACTIVE)
+            send_chunk(self.app, request.job, index, texts, options, queue=self.queue)
 
     def waits(self, request: _Request, timeout_s: float | None) -> Iterator[float]:
         """How long to wait for each next event until the request is done; RequestTimeout past `timeout_s`."""
@@ -217,8 +226,18 @@ class _Core:
     def timeout_error(self, request: _Request, timeout_s: float) -> RequestTimeout:
         return RequestTimeout(
             f"no result for {len(request.chunks)} of the request's chunks after {timeout_s:g} s: are workers "
-            f"running and consuming the {INTERACTIVE!r} queue? (check GET /health or `embedq status`)"
+            f"running and consuming the {self.queue!r} queue? (check GET /health or `embedq status`)"
         )
+
+    def check_served(self) -> None:
+        """ModelNotServed (at once) when live workers serve only other models on the interactive lane."""
+        self.served.check(self.model.name, f" on {redact(self.settings.broker_url)}")
+
+    def counters(self, cache_changes: dict[str, int]) -> dict[tuple[str, str], int]:
+        """(hash, field) -> amount to add for one request: the cache's counters and the model's requests."""
+        changes = {(self.keys.stats(), name): amount for name, amount in cache_changes.items()}
+        changes[(self.keys.model_stats(), f"requests:{self.model.name}")] = 1
+        return changes
 
     def stats(self) -> dict[str, Any]:
         cache = self.cache.stats if self.cache else CacheStats()
@@ -337,8 +356,8 @@ class EmbedClient(_ClientBase):
         self.store = RedisStore(self.redis, self._core.keys, self._core.settings.result_ttl_s)
 
     def queue_depth(self) -> int:
-        """Messages waiting in the interactive queue."""
-        return queue_depth(self.redis, self._core.keys, INTERACTIVE)
+        """Messages waiting in this model's interactive queue."""
+        return queue_depth(self.redis, self._core.keys, self._core.queue)
 
     def embed(
         self,
@@ -374,12 +393,17 @@ class EmbedClient(_ClientBase):
         """
         core = self._core
         request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
+        if core.served.stale(core.model.name):
+            core.served.read(self.redis)
+        core.check_served()
+        cache_changes: dict[str, int] = {}
         if core.cache is not None and request.unique:
             values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
-            with self.redis.pipeline(transaction=False) as pipe:
-                for name, amount in core.apply_cache(request, values).items():
-                    pipe.hincrby(core.keys.stats(), name, amount)
-                pipe.execute()
+            cache_changes = core.apply_cache(request, values)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for (key, name), amount in core.counters(cache_changes).items():
+                pipe.hincrby(key, name, amount)
+            pipe.execute()
         core.send(request, core.chunk_up(request), expires_s)
         return EmbedHandle(self, request)
 
@@ -423,6 +447,7 @@ __all__ = [
     "EmbedHandle",
     "EmbedqError",
     "InvalidRecords",
+    "ModelNotServed",
     "RequestTimeout",
     "validate_texts",
 ]

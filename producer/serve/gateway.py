@@ -2,7 +2,7 @@
 
     POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64",
                            "dimensions": N, "prompt_name": NAME}
-    GET  /v1/models       the model the workers serve
+    GET  /v1/models       every model some live worker serves (producer/serve/model_clients.py)
     GET  /health          200 when the broker answers, a worker replies to a ping and one has loaded its model
     GET  /metrics         Prometheus: embedq's fleet counters and the gateway's own request timings
 
@@ -19,9 +19,9 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import redis
@@ -31,13 +31,13 @@ from prometheus_client import Histogram
 
 from producer.serve.async_client import AsyncEmbedClient
 from producer.serve.client import validate_texts
-from producer.serve.coalesce import Coalescer
 from producer.serve.gateway_guard import ApiError, Guard, install_error_handlers, log
 from producer.serve.limits import RETRY_AFTER_S, Admission, HttpLimits, Overloaded, protocol_class
 from producer.serve.metrics import fleet_registry, render
+from producer.serve.model_clients import ModelClients
 from workers.protocol.config import Settings
 from workers.protocol.dimensions import DimensionsUnsupported
-from workers.protocol.errors import ConfigError, InvalidRecords, JobFailed, QueueFull, RequestTimeout
+from workers.protocol.errors import ConfigError, InvalidRecords, JobFailed, ModelNotServed, QueueFull, RequestTimeout
 from workers.protocol.keys import connect, redact
 
 MIB = 1 << 20
@@ -69,14 +69,6 @@ class GatewayOptions:
     #: How long /health waits for a worker to answer a ping.
     ping_timeout_s: float = 1.0
     http: HttpLimits = field(default_factory=HttpLimits)
-
-
-def model_ids(client: AsyncEmbedClient) -> list[str]:
-    """Names a request's `model` may use: the served model's name, and its path when it is a folder."""
-    names = [client.model.name]
-    if client.model.path and client.model.path != client.model.name:
-        names.append(client.model.path)
-    return names
 
 
 def parse_input(raw: Any, max_inputs: int) -> list[str]:
@@ -207,26 +199,25 @@ def parse_json(body: bytes) -> dict[str, Any]:
 def create_app(settings: Settings, options: GatewayOptions | None = None) -> Guard:
     """The gateway (an ASGI app) for the workers behind `settings.broker_url`."""
     opts = options or GatewayOptions()
-    client = AsyncEmbedClient(
-        settings=settings,
-        cache=opts.cache,
-        cache_ttl_s=opts.cache_ttl_s,
-        max_connections=opts.max_concurrency + POOL_HEADROOM,
-    )
+
+    def model_client(model: str | None = None) -> AsyncEmbedClient:
+        return AsyncEmbedClient(
+            settings=settings.replace(model=model) if model else settings,
+            cache=opts.cache,
+            cache_ttl_s=opts.cache_ttl_s,
+            max_connections=opts.max_concurrency + POOL_HEADROOM,
+        )
+
+    client = model_client()
+    clients = ModelClients(client, model_client)
     sync_redis = connect(settings.broker_url, check=False)
     admission = Admission(opts.max_concurrency, opts.max_waiting, opts.timeout_s)
-
-    async def embed_variant(texts: list[str], timeout_s: float, variant: Hashable) -> tuple[np.ndarray, int]:
-        options = dict(cast(tuple[tuple[str, Any], ...], variant))  # request_variant's (name, value) pairs
-        return await client.embed_with_usage(texts, timeout=timeout_s, **options)
-
-    coalescer = Coalescer(embed_variant)
     probes = Admission(MAX_PROBES, 4 * MAX_PROBES)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await client.aclose()
+        await clients.aclose()
         sync_redis.close()
 
     # No trailing-slash redirects: their Location would be built from the client's Host header.
@@ -271,16 +262,26 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
                 param="input",
                 code="input_too_large",
             )
-        encoding_format, dimensions = parse_options(body, model_ids(client))
-        variant = request_variant(client, body, dimensions)
-        depth = await client.queue_depth()
+        model = body.get("model")
+        try:
+            # The request's model picks the client, and with it the model's own queues.
+            chosen = await clients.pick(model if isinstance(model, str) else None)
+        except ModelNotServed as error:
+            raise ApiError(404, str(error), param="model", code="model_not_found") from None
+        target = chosen.client
+        encoding_format, dimensions = parse_options(body, chosen.names)
+        variant = request_variant(target, body, dimensions)
+        depth = await target.queue_depth()
         if depth >= opts.max_queue:
             queue_full = QueueFull(
-                f"the interactive queue holds {depth} requests (limit {opts.max_queue}); retry shortly"
+                f"the interactive queue holds {depth} requests for {target.model.name} (limit {opts.max_queue}); "
+                "retry shortly"
             )
             raise overloaded(queue_full, "queue_full")
         try:
-            matrix, tokens = await coalescer.embed(texts, opts.timeout_s, variant)
+            matrix, tokens = await chosen.coalescer.embed(texts, opts.timeout_s, variant)
+        except ModelNotServed as error:
+            raise ApiError(404, str(error), param="model", code="model_not_found") from None
         except InvalidRecords as error:
             raise ApiError(400, str(error), param="input", code="invalid_input") from None
         except RequestTimeout as error:
@@ -296,15 +297,21 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
             {
                 "object": "list",
                 "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-                "model": client.model.name,
+                "model": target.model.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        entry = {"id": client.model.name, "object": "model", "created": 0, "owned_by": "embedq"}
-        return JSONResponse({"object": "list", "data": [entry]})
+        try:
+            names = await clients.served()
+        except (redis.exceptions.RedisError, OSError) as error:
+            raise ApiError(
+                503, f"broker unreachable: {error}", kind="server_error", code="broker_unavailable"
+            ) from None
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "embedq"} for name in names]
+        return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health")
     async def health() -> JSONResponse:

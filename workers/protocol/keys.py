@@ -63,6 +63,14 @@ class Keys:
         """SCAN pattern of every live worker's key."""
         return f"{self.prefix}:worker:*"
 
+    def fleet(self) -> str:
+        """Set of the hostnames whose worker keys may be alive: readers look up only these, never SCAN."""
+        return f"{self.prefix}:fleet"
+
+    def model_stats(self) -> str:
+        """Hash `counter:model` -> count (docs, chunks, requests per model), for /metrics."""
+        return f"{self.prefix}:stats:models"
+
     def models(self) -> str:
         """Hash model name -> JSON of the model a worker serves (pooling, length, dim), for light producers."""
         return f"{self.prefix}:models"

@@ -217,6 +217,26 @@ def _describe_folder(folder: Path, pooling: str, max_length: int | None) -> tupl
     return chosen_pooling, limit, dim
 
 
+def model_identity(name: str = "") -> str:
+    """The name the fleet knows model `name` by, without reading it: what workers announce, route and list.
+
+    The packaged default (empty, or its own folder) is DEFAULT_MODEL_NAME; a local folder is its folder's
+    name (workers on other machines keep it under other paths); anything else (a hub name, or a name
+    the fleet serves) is itself.
+    """
+    if not name:
+        return DEFAULT_MODEL_NAME
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return name.rstrip("/") or name
+    try:
+        if folder.resolve() == default_model_path().resolve():
+            return DEFAULT_MODEL_NAME
+    except ModelNotInstalled:  # a light install: whatever this folder is, it is not the packaged one
+        pass
+    return folder.resolve().name
+
+
 def resolve_model(name: str = "", *, pooling: str = "auto", max_length: int | None = None) -> ModelInfo:
     """Resolve `name` (empty for the default, a local folder, or a hub name) and its pooling.
 
@@ -240,13 +260,8 @@ def resolve_model(name: str = "", *, pooling: str = "auto", max_length: int | No
     chosen_pooling, limit, dim = _describe_folder(folder, pooling, max_length)
     prompts, default_prompt = read_prompts(folder)
     # Workers on other machines keep the same model under other paths: the folder's name identifies it.
-    try:
-        is_default = folder.resolve() == default_model_path().resolve()
-    except ModelNotInstalled:  # a light install: whatever this folder is, it is not the packaged one
-        is_default = False
-    identity = DEFAULT_MODEL_NAME if is_default else folder.resolve().name
     return ModelInfo(
-        identity,
+        model_identity(str(folder)),
         str(folder.resolve()),
         True,
         chosen_pooling,
