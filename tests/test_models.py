@@ -218,3 +218,8 @@ def test_the_cli_worker_flag_maps_lanes_to_its_models_queues(models: dict[str, P
     args = build_parser().parse_args(["worker", "--model", str(models["mini-48"]), "--queues", "interactive"])
     command, _, line = worker_argv(args, Settings(model=str(models["mini-48"])))
     assert command[command.index("-Q") + 1] == "interactive.mini-48" and "queues interactive.mini-48" in line
+    # and its default node name names the model, so two models' workers can share a host without -n
+    assert command[command.index("-n") + 1] == "embedq-mini-48@%h"
+    default_args = build_parser().parse_args(["worker"])
+    default_command, _, _ = worker_argv(default_args, Settings())
+    assert default_command[default_command.index("-n") + 1] == "embedq@%h"

@@ -18,6 +18,7 @@ from workers.lease import ChunkLease
 from workers.protocol import deadlines, events
 from workers.protocol.config import TASK_EMBED_CHUNK
 from workers.protocol.errors import EmbedqError, ModelMismatch, is_retryable
+from workers.protocol.keys import JOB_ENDED
 from workers.protocol.long_docs import TRUNCATE
 from workers.protocol.prompts import resolve_prompt
 
@@ -53,7 +54,7 @@ def settled(ctx: runtime.WorkerContext, job: str, chunk: int) -> str:
         pipe.hget(ctx.keys.job(job), "state")
         pipe.sismember(ctx.keys.collected(job), str(chunk))
         state, collected = pipe.execute()
-    if state in (b"done", b"failed"):
+    if state is not None and state.decode() in JOB_ENDED:
         return f"its job is {state.decode()}"
     return "another copy was collected first" if collected else ""
 

@@ -240,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="interactive,bulk",
         help="lanes in priority order; a model other than the packaged one gets its own queues, LANE.MODEL",
     )
-    worker.add_argument("-n", "--hostname", default=None, help="worker name (default: embedq@HOSTNAME)")
+    worker.add_argument(
+        "-n",
+        "--hostname",
+        default=None,
+        help="worker name (default: embedq@HOSTNAME, embedq-MODEL@HOSTNAME for another model than the packaged one)",
+    )
     worker.add_argument(
         "--loglevel",
         type=str.upper,
@@ -426,11 +431,13 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
     if args.start_method:
         chosen = chosen.replace(pool_start_method=args.start_method)
     threads = threads_per_child(chosen.replace(pool_concurrency=1 if pool == "threads" else concurrency))
-    from workers.protocol.routing import worker_queues
+    from workers.protocol.routing import node_name, worker_queues
 
     # --queues names lanes; the worker consumes its own model's queues for them (workers/protocol/routing.py).
     queues = worker_queues(chosen.model, args.queues.split(","))
-    command = worker_command(concurrency, pool, hostname=args.hostname or "embedq@%h", loglevel=args.loglevel)
+    command = worker_command(
+        concurrency, pool, hostname=args.hostname or node_name(chosen.model), loglevel=args.loglevel
+    )
     command += ["-Q", ",".join(queues)]
     env = {**os.environ, **chosen.to_env()}
     line = (

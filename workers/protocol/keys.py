@@ -8,6 +8,11 @@ import redis
 
 from workers.protocol.errors import BrokerUnavailable
 
+#: The `state` field of a job record (`Keys.job`): written by the producer (producer/job/record.py), read by
+#: workers, which drop any copy of a chunk whose job has ENDED (workers/tasks.py `settled`).
+JOB_RUNNING, JOB_DONE, JOB_FAILED = "running", "done", "failed"
+JOB_ENDED = (JOB_DONE, JOB_FAILED)
+
 
 class Keys:
     """Every Redis key embedq writes, under one prefix so that tests and tenants never collide."""

@@ -47,3 +47,16 @@ def split_queue(queue: str) -> tuple[str, str]:
     """(lane, model) of a queue name; the plain lanes belong to the packaged default."""
     lane, _, model = queue.partition(_SEPARATOR)
     return lane, model or DEFAULT_MODEL_NAME
+
+
+def node_name(model_setting: str) -> str:
+    """The default Celery node name of `embedq worker` for EMBEDQ_MODEL=`model_setting`.
+
+    `embedq@%h` for the packaged default; `embedq-MODEL@%h` for another, so that workers of two models can run
+    on one host without `-n` (Celery refuses two nodes of one name) and Flower tells them apart at a glance.
+    """
+    model = model_identity(model_setting)
+    if model == DEFAULT_MODEL_NAME:
+        return "embedq@%h"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model)
+    return f"embedq-{safe}@%h"
