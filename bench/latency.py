@@ -35,6 +35,8 @@ from producer.serve.metrics import queue_depth  # noqa: E402
 from workers.protocol.config import Settings  # noqa: E402
 from workers.protocol.keys import Keys, connect  # noqa: E402
 from workers.protocol.model_info import resolve_model  # noqa: E402
+from workers.protocol.queues import BULK  # noqa: E402
+from workers.protocol.routing import queue_name  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,9 +80,10 @@ class BulkLoad:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            while queue_depth(self.redis, self.keys, "bulk") < self.backlog:
+            bulk = queue_name(BULK, self.options["model"])  # the model's own bulk queue
+            while queue_depth(self.redis, self.keys, bulk) < self.backlog:
                 texts = self.chunks[self.sent % len(self.chunks)]
-                send_chunk(self.app, "bench-bulk", self.sent, texts, self.options, queue="bulk")
+                send_chunk(self.app, "bench-bulk", self.sent, texts, self.options, queue=bulk)
                 self.sent += 1
             self.stop.wait(0.05)
 

@@ -5,5 +5,6 @@ The code lives in producer/serve/ (client.py, async_client.py); this module only
 
 from producer.serve.async_client import AsyncEmbedClient
 from producer.serve.client import EmbedClient
+from workers.protocol.errors import ModelNotServed
 
-__all__ = ["AsyncEmbedClient", "EmbedClient"]
+__all__ = ["AsyncEmbedClient", "EmbedClient", "ModelNotServed"]

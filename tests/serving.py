@@ -79,11 +79,17 @@ class Fleet:
         self.logs.append(log)
         return log
 
-    def start_worker(self, concurrency: int = 1) -> Path:
+    def start_worker(self, concurrency: int = 1, *, wait: bool = True) -> Path:
+        """Start a worker; with `wait`, return once its children are ready (else call `wait_ready(log)`)."""
         command = worker_command(concurrency, hostname=f"serve-{uuid.uuid4().hex[:6]}@test", loglevel="INFO")
         log = self._start("worker", command, self.env())
-        assert wait_until(lambda: log.read_text(errors="replace").count("ready:") >= concurrency, 120), log.read_text()
+        if wait:
+            self.wait_ready(log, concurrency)
         return log
+
+    @staticmethod
+    def wait_ready(log: Path, concurrency: int = 1) -> None:
+        assert wait_until(lambda: log.read_text(errors="replace").count("ready:") >= concurrency, 120), log.read_text()
 
     def start_gateway(self, *flags: str, prefix: str | None = None) -> str:
         port = free_port()

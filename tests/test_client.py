@@ -23,7 +23,9 @@ from tests.serving import Fleet
 from workers.encoder import Encoder
 from workers.protocol.errors import InvalidRecords, RequestTimeout
 from workers.protocol.keys import Keys
-from workers.protocol.model_info import resolve_model
+from workers.protocol.model_info import model_identity, resolve_model
+from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 
 TEXTS = [f"sentence {i} about {'lanes ' * (i % 5)}and queues" for i in range(70)]
 
@@ -149,7 +151,8 @@ def test_interactive_requests_overtake_a_bulk_backlog(fleet: Fleet, tmp_path: Pa
     app = sender_app(settings)
     chunks = 4
     for chunk in range(chunks):
-        send_chunk(app, "bulk-backlog", chunk, long_texts, {"normalize": True}, queue="bulk")
+        bulk = queue_name(BULK, model_identity(str(fleet.model)))  # the served model's own bulk queue
+        send_chunk(app, "bulk-backlog", chunk, long_texts, {"normalize": True}, queue=bulk)
     client = EmbedClient(settings=settings)
     events_key = Keys(fleet.prefix).events("bulk-backlog")
     # when an interactive request arrives after the whole backlog was queued

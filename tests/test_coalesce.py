@@ -15,10 +15,12 @@ class Recorder:
 
     def __init__(self, fail: bool = False) -> None:
         self.calls: list[list[str]] = []
+        self.variants: list[object] = []
         self.fail = fail
 
-    async def __call__(self, texts: list[str], timeout_s: float) -> tuple[np.ndarray, int]:
+    async def __call__(self, texts: list[str], timeout_s: float, variant: object = ()) -> tuple[np.ndarray, int]:
         self.calls.append(texts)
+        self.variants.append(variant)
         await asyncio.sleep(0)
         if self.fail:
             raise RuntimeError("the workers said no")
@@ -60,3 +62,22 @@ def test_a_large_request_goes_alone_and_a_failure_reaches_every_caller_of_its_ba
         return await asyncio.gather(*(failing.embed([f"t{i}"], 5.0) for i in range(4)), return_exceptions=True)
 
     assert all(isinstance(answer, RuntimeError) for answer in asyncio.run(run()))
+
+
+def test_requests_with_another_prompt_or_width_never_share_a_batch() -> None:
+    # given small concurrent requests for two variants (say two prompt names)
+    recorder = Recorder()
+    coalescer = Coalescer(recorder, batch_texts=8, max_request_texts=3)
+    variants = [("query", None), ("doc", 16)]
+
+    async def run() -> list[tuple[np.ndarray, int]]:
+        return await asyncio.gather(*(coalescer.embed([f"t{i}"], 5.0, variants[i % 2]) for i in range(6)))
+
+    # when they are coalesced
+    answers = asyncio.run(run())
+    # then each call carries one variant's texts only, and every caller still gets its own row
+    assert sorted(map(str, recorder.variants)) == sorted(map(str, variants))
+    for call, variant in zip(recorder.calls, recorder.variants, strict=True):
+        assert {int(t[1:]) % 2 for t in call} == {variants.index(variant)}  # type: ignore[arg-type]
+    for i, (rows, _) in enumerate(answers):
+        np.testing.assert_array_equal(rows, expected([f"t{i}"]))

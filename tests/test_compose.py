@@ -162,9 +162,11 @@ def check_worker(local: Local) -> None:
     assert spec["build"]["dockerfile"] == "ops/Dockerfile" and (ROOT / "ops" / "Dockerfile").exists()
     argv = [local.localize(arg) for arg in spec["command"]]
     assert argv[:2] == ["embedq", "worker"], argv
-    broker_url = argv[argv.index("--broker") + 1]
+    # the password-bearing URL travels in the environment: `ps` on the host shows argv, not the environment
+    assert not any("REDIS_PASSWORD" in arg or "@" in arg for arg in spec["command"]), spec["command"]
     prefix = f"t{uuid.uuid4().hex[:10]}"
     env = local.python_env(spec, EMBEDQ_MODEL=str(local.tiny_bert), EMBEDQ_KEY_PREFIX=prefix, EMBEDQ_CONCURRENCY="1")
+    broker_url = env["EMBEDQ_BROKER_URL"]
     log = local.start("worker", [sys.executable, "-m", "producer.cli", *argv[1:]], env)
     assert wait_until(lambda: "ready:" in log.read_text(errors="replace"), timeout_s=90), log.read_text()
     corpus = local.folder / "corpus.txt"
@@ -234,7 +236,7 @@ def test_each_compose_service_runs_locally(name: str, local: Local) -> None:
 
 def test_the_compose_file_refuses_to_start_without_its_secrets() -> None:
     with pytest.raises(AssertionError, match="compose needs REDIS_PASSWORD"):
-        interpolate(COMPOSE["services"]["worker"]["command"], {})
+        interpolate(COMPOSE["services"]["worker"]["environment"], {})
 
 
 def test_the_image_installs_the_cpu_torch_before_the_project() -> None:

@@ -96,9 +96,9 @@ def test_a_single_string_is_one_embedding(fleet: Fleet, reference: np.ndarray) -
 def test_requests_the_model_cannot_serve_are_refused_clearly(fleet: Fleet) -> None:
     api = client(fleet.main)  # type: ignore[attr-defined]
     dim = resolve_model(str(fleet.model)).dim
-    # dimensions other than the model's
-    with pytest.raises(openai.BadRequestError, match=f"only makes {dim}-dimensional") as refused:
-        api.embeddings.create(input="x", model=model_id(fleet), dimensions=dim // 2)
+    # more dimensions than the model makes (fewer are cut: tests/test_prompts_dimensions.py)
+    with pytest.raises(openai.BadRequestError, match=f"makes {dim}-dimensional vectors; ask for 1 to {dim}") as refused:
+        api.embeddings.create(input="x", model=model_id(fleet), dimensions=dim + 1)
     assert refused.value.body["code"] == "dimensions_unsupported"  # type: ignore[index]
     assert len(api.embeddings.create(input="x", model=model_id(fleet), dimensions=dim).data[0].embedding) == dim
     # token arrays (what LangChain's OpenAIEmbeddings sends by default): the message names its setting
@@ -194,5 +194,6 @@ def test_a_repeated_sentence_costs_nothing_and_metrics_show_the_hit(fleet: Fleet
     assert metric(base, "embedq_cache_hits_total") == hits + 1
     assert 0 < metric(base, "embedq_cache_hit_ratio") <= 1
     assert metric(base, "embedq_model_loads_total") >= 1
-    assert metric(base, 'embedq_queue_depth{lane="bulk"}') == 0
+    assert metric(base, f'embedq_queue_depth{{lane="bulk",model="{model_id(fleet)}"}}') == 0
+    assert metric(base, f'embedq_model_docs_total{{model="{model_id(fleet)}"}}') >= docs
     assert "embedq_gateway_request_seconds_bucket" in http("GET", f"{base}/metrics")[1]

@@ -94,7 +94,9 @@ def idle_prefix(served: Served) -> Iterator[str]:
 def _queued(served: Served, prefix: str) -> int:
     client = served.broker.client()
     try:
-        return sum(int(client.llen(f"{prefix}:{queue}")) for queue in ("bulk", "interactive"))
+        # Every model's lanes (workers/protocol/routing.py): `bulk`, `bulk.MODEL`, `interactive`, ...
+        lists = [*client.scan_iter(match=f"{prefix}:bulk*"), *client.scan_iter(match=f"{prefix}:interactive*")]
+        return sum(int(client.llen(name)) for name in lists)
     finally:
         client.close()
 
@@ -366,5 +368,6 @@ def test_a_hub_name_in_the_local_cache_resolves_offline_from_its_json_files(tmp_
     # then width, pooling and length come from those files, and workers are told to load it by name
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
-        "ModelInfo(name='org/name', path='org/name', is_local=False, pooling='cls', max_length=64, dim=48)"
+        "ModelInfo(name='org/name', path='org/name', is_local=False, pooling='cls', max_length=64, dim=48, "
+        "prompts={}, default_prompt_name=None, include_prompt=True)"
     )

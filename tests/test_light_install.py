@@ -123,8 +123,9 @@ def test_the_light_venv_has_none_of_the_heavy_packages(light_venv: Path, tmp_pat
         (["up"], "embedq up needs the local and serve extras: pip install 'embedq[local,serve]'"),
         (["embed", "in.txt", "-o", "out.npy"], "needs the local extra: pip install 'embedq[local]'"),
         (["embed", "in.txt", "-o", "o.parquet", "--broker", "redis://x:1/0"], "pip install 'embedq[parquet]'"),
+        (["embed", "in.parquet", "-o", "o.npy", "--broker", "redis://x:1/0"], "embedq embed INPUT.parquet needs"),
     ],
-    ids=["worker", "serve", "up", "embedded-default", "parquet"],
+    ids=["worker", "serve", "up", "embedded-default", "parquet", "parquet-input"],
 )
 def test_a_command_whose_extra_is_missing_names_it_in_one_line(
     light_venv: Path, tmp_path: Path, args: list[str], line: str

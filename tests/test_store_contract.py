@@ -109,6 +109,30 @@ def test_delete_job_forgets_every_chunk_of_that_job_only(store: ResultStore) -> 
     store.delete_job("never-seen")
 
 
+def test_a_window_table_is_stored_and_forgotten_with_its_matrix(store: ResultStore) -> None:
+    # given a --long chunks result: 3 window rows and their table (document, window, token_start, token_end)
+    matrix = _matrix(3, 4)
+    table = np.array([[0, 0, 0, 5], [1, 0, 0, 30], [1, 1, 23, 40]], dtype=np.int64)
+    store.put("job1", 0, matrix, windows=table)
+    # when it is read back whole, and as a plain matrix
+    got = store.get_chunk("job1", 0)
+    # then both come back exactly (the table as int32), and the plain read still sees the matrix alone
+    assert got is not None and got.windows is not None
+    assert got.array.tobytes() == matrix.tobytes()
+    assert got.windows.dtype == np.int32 and got.windows.tolist() == table.tolist()
+    assert store.get("job1", 0).tobytes() == matrix.tobytes()  # type: ignore[union-attr]
+    # and storing the chunk again without a table replaces it whole; a delete forgets everything
+    store.put("job1", 0, matrix)
+    assert store.get_chunk("job1", 0).windows is None  # type: ignore[union-attr]
+    store.put("job1", 0, matrix, windows=table)
+    store.delete("job1", 0)
+    assert store.get_chunk("job1", 0) is None
+    # and a table that does not give one row per matrix row is refused before anything is written
+    with pytest.raises(ValueError, match="one row per"):
+        store.put("job1", 1, matrix, windows=table[:2])
+    assert store.get("job1", 1) is None
+
+
 def test_redis_results_expire(redis_store: RedisStore) -> None:
     # Only Redis results carry a TTL; disk results are deleted by the producer once collected.
     redis_store.put("job1", 0, _matrix(1, 2))

@@ -19,7 +19,8 @@ from celery import Celery, signals
 from workers.lifecycle import startup, teardown, watchdog
 from workers.lifecycle.startup import EXIT_WORKER_CONFIG
 from workers.protocol.config import Settings, celery_config
-from workers.protocol.queues import QUEUES
+from workers.protocol.model_info import model_identity
+from workers.protocol.routing import worker_queues
 
 __all__ = ["EXIT_WORKER_CONFIG", "app", "settings"]
 
@@ -61,7 +62,9 @@ def after_worker_ready(sender: Any = None, **_: Any) -> None:
 
     hostname = str(getattr(sender, "hostname", "") or os.getpid())
     queues = sorted(q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", []) or [])
-    info = {"queues": queues or list(QUEUES), "model": settings.model or "all-MiniLM-L6-v2"}
+    # The model by the name producers route by, and the queues this worker really consumes (-Q may narrow
+    # them): readers of the liveness keys learn which models are served on which lane (workers/protocol/served.py).
+    info = {"queues": queues or worker_queues(settings.model), "model": model_identity(settings.model)}
     client = connect(settings.broker_url, check=False, **worker_socket_options(settings))
     _beacon = WorkerBeacon(client, Keys(settings.key_prefix), hostname, info, settings.lease_ttl_s).start()
 

@@ -15,9 +15,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from workers import runtime
 from workers.app import app
 from workers.lease import ChunkLease
-from workers.protocol import events
+from workers.protocol import deadlines, events
 from workers.protocol.config import TASK_EMBED_CHUNK
 from workers.protocol.errors import EmbedqError, ModelMismatch, is_retryable
+from workers.protocol.keys import JOB_ENDED
+from workers.protocol.long_docs import TRUNCATE
+from workers.protocol.prompts import resolve_prompt
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname()
@@ -31,7 +34,8 @@ def _fail(ctx: runtime.WorkerContext, job: str, chunk: int, reason: str, *, quar
         "quarantined": quarantined,
         "worker": _HOST,
     }
-    events.publish(ctx.coordination, ctx.keys, job, event, {"chunks_failed": 1, "chunks_quarantined": int(quarantined)})
+    stats = {"chunks_failed": 1, "chunks_quarantined": int(quarantined)}
+    events.publish(ctx.coordination, ctx.keys, job, event, stats, model=ctx.model.name)
 
 
 def delivery_field(chunk: int, task_id: str | None, retries: int | None) -> str:
@@ -50,7 +54,7 @@ def settled(ctx: runtime.WorkerContext, job: str, chunk: int) -> str:
         pipe.hget(ctx.keys.job(job), "state")
         pipe.sismember(ctx.keys.collected(job), str(chunk))
         state, collected = pipe.execute()
-    if state in (b"done", b"failed"):
+    if state is not None and state.decode() in JOB_ENDED:
         return f"its job is {state.decode()}"
     return "another copy was collected first" if collected else ""
 
@@ -62,11 +66,25 @@ def _drop(ctx: runtime.WorkerContext, job: str, chunk: int, attempt: int, why: s
     return {"chunk": chunk, "attempt": attempt, "dropped": why}
 
 
+def _expire(
+    task: Any, ctx: runtime.WorkerContext, job: str, chunk: int, attempt: int, late_s: float, options: dict[str, Any]
+) -> dict[str, Any]:
+    lane = deadlines.lane_of((task.request.delivery_info or {}).get("routing_key"))
+    model = str(options.get("model") or ctx.model.name)
+    log.info("job %s chunk %d dropped unrun: its deadline passed %.1f s ago", job, chunk, late_s)
+    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        ctx.coordination.hincrby(ctx.keys.stats(), deadlines.stats_field(lane, model), 1)
+    return {"chunk": chunk, "attempt": attempt, "dropped": f"its deadline passed {late_s:.1f} s ago", "expired": True}
+
+
 @app.task(name=TASK_EMBED_CHUNK, bind=True, max_retries=5)
 def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict[str, Any]) -> dict[str, Any]:
     """Embed `texts` (chunk `chunk` of job `job`), store the float32 matrix, report small metadata."""
     ctx = runtime.current()
     attempt = int(options.get("attempt", 0))
+    late_s = deadlines.seconds_late(options)
+    if late_s is not None:  # its caller gave up: nothing to run, store or report
+        return _expire(self, ctx, job, chunk, attempt, late_s, options)
     why = settled(ctx, job, chunk)
     if why:
         return _drop(ctx, job, chunk, attempt, why)
@@ -96,7 +114,9 @@ def embed_chunk(self: Any, job: str, chunk: int, texts: list[str], options: dict
         meta = _embed_and_store(self, ctx, job, chunk, texts, options, lease)
     if "dropped" not in meta:
         meta["worker"] = worker
-        events.publish(ctx.coordination, ctx.keys, job, cast(events.ChunkDone, meta), _stats_of(meta))
+        events.publish(
+            ctx.coordination, ctx.keys, job, cast(events.ChunkDone, meta), _stats_of(meta), model=ctx.model.name
+        )
     return meta
 
 
@@ -123,6 +143,10 @@ def _embed_and_store(
             max_length=options.get("max_length") or ctx.model.max_length,
             dtype=options.get("dtype") or ctx.settings.dtype,
             batch_tokens=int(options.get("batch_tokens") or ctx.settings.batch_tokens),
+            long=options.get("long") or TRUNCATE,
+            # Absent from tasks of producers that could not read the model's prompts: its default applies then.
+            prompt=resolve_prompt(ctx.model) if options.get("prompt") is None else str(options["prompt"]),
+            dimensions=options.get("dimensions"),
         )
         if lease.lost.is_set():
             return _drop(ctx, job, chunk, attempt, "its lease was lost while it ran (another copy was sent)")
@@ -130,7 +154,7 @@ def _embed_and_store(
         if why:
             return _drop(ctx, job, chunk, attempt, why)
         store = ctx.store(options.get("results", "redis"))
-        store.put(job, chunk, result.embeddings)
+        store.put(job, chunk, result.embeddings, windows=result.window_table)
         # Checked again after the write: the producer collects (deletes the key, then marks the chunk) in one
         # transaction, so a copy that lost the race between the two checks removes what it just wrote.
         why = settled(ctx, job, chunk)
@@ -157,7 +181,7 @@ def _embed_and_store(
         "type": "done",
         "chunk": chunk,
         "attempt": attempt,
-        "rows": int(result.embeddings.shape[0]),
+        "rows": len(texts),  # documents: under --long chunks the matrix has a row per window
         "dim": int(result.embeddings.shape[1]),
         "tokens": result.tokens,
         "padded_tokens": result.padded_tokens,
@@ -166,6 +190,9 @@ def _embed_and_store(
         "dtype": result.dtype,
         "ms": round((time.perf_counter() - t0) * 1000.0, 1),
     }
+    if options.get("long", TRUNCATE) != TRUNCATE:
+        # Echoed, so that a producer can tell a worker that knows the policy from an older one that ignored it.
+        meta.update(long=options["long"], split=result.split, windows=result.windows)
     return meta
 
 

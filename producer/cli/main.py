@@ -14,7 +14,9 @@ from typing import Any, NoReturn
 
 from producer.cli import exitcodes
 from producer.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
+from producer.cli.vector_flags import add_vector_flags, vector_options
 from producer.job.chunk_plan import MIN_TAIL_ROWS
+from producer.job.quantize import PRECISIONS
 from workers.protocol import extras
 from workers.protocol.config import DTYPES, RUNTIMES, Settings
 from workers.protocol.errors import (
@@ -28,6 +30,7 @@ from workers.protocol.errors import (
     NoWorkers,
     WorkersFailed,
 )
+from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 
 log = logging.getLogger("embedq")
 
@@ -57,7 +60,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model folder or hub name (default: the packaged all-MiniLM-L6-v2)",
+        help="local Hugging Face model folder or hub name, or with --broker a model the fleet serves "
+        "(default: the packaged all-MiniLM-L6-v2)",
     )
     parser.add_argument(
         "--dtype",
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     embed = sub.add_parser("embed", help="embed a corpus file into .npy or .parquet")
-    embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, or - for stdin")
+    embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, .parquet, or - for stdin")
     embed.add_argument("-o", "--output", required=True, help="OUTPUT.npy or OUTPUT.parquet (checked before any start)")
     _add_model_flags(embed)
     embed.add_argument(
@@ -167,7 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per text before truncation (default: the model's max_seq_length)",
     )
+    embed.add_argument(
+        "--long",
+        choices=LONG_POLICIES,
+        default=TRUNCATE,
+        help="a document over the max length: truncate it (counted); chunk-mean: embed overlapping windows and "
+        "average them into its row; chunks: one row per window (Parquet: id, window, token_start, token_end)",
+    )
     embed.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
+    add_vector_flags(embed)
     embed.add_argument("--text-field", default="text", help="JSONL key or CSV column holding the text")
     embed.add_argument(
         "--id-field", default="id", help="JSONL key or CSV column holding the record id (missing: the line number)"
@@ -175,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--format",
         dest="input_format",
-        choices=("auto", "txt", "jsonl", "csv"),
+        choices=("auto", "txt", "jsonl", "csv", "parquet"),
         default="auto",
         help="input format; auto goes by the file suffix (stdin: JSONL if it starts with '{', else text)",
     )
@@ -184,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fail", "skip"),
         default="fail",
         help="fail: stop at the first invalid record; skip: set it aside in OUTPUT.rejects.jsonl",
+    )
+    embed.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="output values: int8/uint8 scaled by per-dimension ranges of the whole job (in the manifest), "
+        "binary/ubinary one bit per dimension (as sentence-transformers' quantize_embeddings)",
     )
     embed.add_argument("--results", default="redis", help="where workers leave chunk results: redis or disk:PATH")
     embed.add_argument(
@@ -222,8 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--start-method", choices=("fork", "spawn"), default=None, help="prefork start method (default: fork)"
     )
-    worker.add_argument("--queues", type=_queues, default="interactive,bulk", help="queues in priority order")
-    worker.add_argument("-n", "--hostname", default=None, help="worker name (default: embedq@HOSTNAME)")
+    worker.add_argument(
+        "--queues",
+        type=_queues,
+        default="interactive,bulk",
+        help="lanes in priority order; a model other than the packaged one gets its own queues, LANE.MODEL",
+    )
+    worker.add_argument(
+        "-n",
+        "--hostname",
+        default=None,
+        help="worker name (default: embedq@HOSTNAME, embedq-MODEL@HOSTNAME for another model than the packaged one)",
+    )
     worker.add_argument(
         "--loglevel",
         type=str.upper,
@@ -251,12 +280,12 @@ def _queues(text: str) -> str:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from producer.job.fleet_model import job_model
     from producer.job.output import output_kind
     from producer.job.preflight import check_first_records, check_output, check_results, wait_for_consumers
     from producer.job.readers import count_lines, detect_format, open_input
     from producer.job.runner import Job
     from producer.job.spec import JobOptions
-    from workers.protocol.model_registry import describe
     from workers.protocol.store import parse_store_spec
 
     settings = _settings_from(args)
@@ -266,20 +295,50 @@ def cmd_embed(args: argparse.Namespace) -> int:
         kind = output_kind(args.output)
     except ValueError:
         raise ConfigError(f"-o {args.output}: name the output .npy or .parquet") from None
+    if args.long == CHUNKS and kind != "parquet":
+        raise ConfigError(
+            f"--long chunks -o {args.output}: one row per window needs the window columns of Parquet; "
+            "name the output .parquet, or use --long chunk-mean for one row per document"
+        )
+    if args.long == CHUNKS and args.precision != "float32":
+        raise ConfigError(
+            f"--long chunks --precision {args.precision}: window rows are written as float32; "
+            "drop --precision, or use --long chunk-mean"
+        )
     embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
     if embedded:
         extras.require("embedq embed without --broker (the embedded default)", "local")
     if kind == "parquet":
         extras.require("embedq embed -o OUTPUT.parquet", "parquet")
+    if detect_format(args.input, args.input_format) == "parquet":
+        extras.require("embedq embed INPUT.parquet", "parquet")
     parse_store_spec(args.results)
     check_results(args.results)
     # Fail fast, before anything starts: the input, the model, the output.
-    detect_format(args.input, args.input_format)
     if args.input != "-":
         open_input(args.input).close()
-    # Read from the model's folder; a light install asks the fleet for what it cannot read.
-    model = describe(settings, pooling=args.pooling, max_length=args.max_length)
-    check_output(args.output, rows_hint=count_lines(args.input) or 0, dim=model.dim)
+    # Read from the model's folder; a light install asks the fleet for what it cannot read. On a fleet, a model
+    # no live worker serves is refused here, naming those served (producer/job/fleet_model.py).
+    model = job_model(
+        settings,
+        on_fleet=not embedded,
+        check_served=args.worker_check,
+        wait_s=args.wait_for_workers,
+        pooling=args.pooling,
+        max_length=args.max_length,
+    )
+    vectors = vector_options(args, model)
+    if args.long != TRUNCATE and vectors["prompt"]:
+        raise ConfigError(
+            f"--long {args.long} with a prompt ({vectors['prompt_name'] or 'given'}): windows take no prompt yet; "
+            "use --long truncate, or --prompt '' to embed without one"
+        )
+    check_output(
+        args.output,
+        rows_hint=count_lines(args.input) or 0,
+        dim=vectors["dimensions"] or model.dim,
+        precision=args.precision,
+    )
     if args.on_invalid == "fail":
         check_first_records(
             args.input,
@@ -303,8 +362,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         id_field=args.id_field,
         input_format=args.input_format,
         on_invalid=args.on_invalid,
+        precision=args.precision,
         stall_timeout_s=args.stall_timeout,
         workers_lost_s=args.workers_lost_timeout,
+        long=args.long,
+        **vectors,
     )
     say = _say
     if not embedded:
@@ -356,9 +418,10 @@ def _say(line: str) -> None:
 
 def _summary(report: Any, output: str) -> None:
     reused = f", {report.reused_chunks} chunks reused from an earlier run" if report.reused_chunks else ""
+    split = f", {report.split} split into {report.windows} windows" if report.split else ""
     print(
         f"embedq: {report.rows} docs in {report.wall_s:.1f} s ({report.docs_per_s:.1f} docs/s), "
-        f"{report.truncated} truncated, {report.rejected} rejected{reused} -> {output} "
+        f"{report.truncated} truncated{split}, {report.rejected} rejected{reused} -> {output} "
         f"(manifest {output}.manifest.json)",
         flush=True,
     )
@@ -375,13 +438,20 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
     if args.start_method:
         chosen = chosen.replace(pool_start_method=args.start_method)
     threads = threads_per_child(chosen.replace(pool_concurrency=1 if pool == "threads" else concurrency))
-    command = worker_command(concurrency, pool, hostname=args.hostname or "embedq@%h", loglevel=args.loglevel)
-    command[command.index("-Q") + 1] = args.queues
+    from workers.protocol.routing import node_name, worker_queues
+
+    # --queues names lanes; the worker consumes its own model's queues for them (workers/protocol/routing.py).
+    queues = worker_queues(chosen.model, args.queues.split(","))
+    command = worker_command(
+        concurrency, pool, hostname=args.hostname or node_name(chosen.model), loglevel=args.loglevel
+    )
+    command += ["-Q", ",".join(queues)]
     env = {**os.environ, **chosen.to_env()}
     line = (
         f"worker: pool {pool}{' (' + chosen.pool_start_method + ')' if pool == 'prefork' else ''}, "
         f"{concurrency} {'threads' if pool == 'threads' else 'children'} x {threads} torch threads, "
-        f"dtype {chosen.dtype}, runtime {chosen.runtime}, broker {chosen.broker_url.split('@')[-1]}"
+        f"dtype {chosen.dtype}, runtime {chosen.runtime}, queues {','.join(queues)}, "
+        f"broker {chosen.broker_url.split('@')[-1]}"
     )
     return command, env, line
 

@@ -41,11 +41,11 @@ def send_chunk(
     queue: str,
     attempt: int = 0,
     priority: int | None = None,
-    expires_s: float | None = None,
 ) -> str:
     """Send one chunk task by name; returns its task id (job, chunk and attempt make it readable).
 
-    `expires_s`: a worker that receives the task later discards it unrun (an abandoned web request).
+    No Celery `expires`: a web request's deadline travels in `options` instead (workers/protocol/deadlines.py),
+    so that a worker drops a late chunk unrun *and counts it*, which Celery's own expiry does not.
     """
     task_id = task_id_for(job, chunk, attempt)
     app.send_task(
@@ -58,6 +58,5 @@ def send_chunk(
         argsrepr=f"(job={job!r}, chunk={chunk}, texts={abbreviate(texts)})",
         kwargsrepr=json.dumps({k: v for k, v in options.items() if k != "results"}),
         priority=priority,
-        expires=expires_s,
     )
     return task_id

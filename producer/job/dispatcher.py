@@ -203,10 +203,13 @@ class Dispatcher:
                 )
             return
         if self.pending:
-            # One read of the fleet per tick serves both rules below.
-            alive = {str(w.get("hostname")) for w in self._with_broker(lambda: live_workers(self.redis, self.keys))}
+            # One read of the fleet per tick serves both rules below; the job only counts on the workers that
+            # consume its model's queue (a fleet serving other models cannot finish it).
+            records = self._with_broker(lambda: live_workers(self.redis, self.keys))
+            alive = {str(w.get("hostname")) for w in records}
+            serving = {str(w.get("hostname")) for w in records if self.options.queue in (w.get("queues") or [])}
             self._watch_leases(now, total_chunks, alive)
-            self._watch_fleet(now, alive)
+            self._watch_fleet(now, serving)
         if now - self._last_news >= self.options.stall_timeout_s:
             for pending in list(self.pending.values()):
                 if now - pending.sent_at >= self.options.stall_timeout_s:
@@ -296,7 +299,8 @@ class Dispatcher:
             return
         rows = ", ".join(f"{p.rows[0]}-{p.rows[1] - 1}" for p in sorted(self.pending.values(), key=lambda p: p.index))
         raise JobFailed(
-            f"no live worker for {silent_s:.0f} s (--workers-lost-timeout {self.options.workers_lost_s:g} s): "
+            f"no live worker serving model {self.options.model.name} for {silent_s:.0f} s "
+            f"(--workers-lost-timeout {self.options.workers_lost_s:g} s): "
             f"{len(self.pending)} chunk(s) not embedded, rows {rows}; start workers on this broker and run the same "
             "command again to resume"
         )

@@ -5,7 +5,9 @@ While a job runs, everything lives under `OUTPUT.partial*` names:
 - `OUTPUT.partial.log`  one JSON line per finished chunk (what a rerun of the same job reuses);
 - `OUTPUT.partial.ids`  the ids of valid records, in row order.
 `finish()` writes the real .npy header (or the Parquet file), the manifest, and renames: an
-`OUTPUT` file that exists is complete.
+`OUTPUT` file that exists is complete. With a precision other than float32 (producer/job/quantize.py)
+the partial file stays float32 to the end, so a rerun resumes from it whatever happened; `finish()`
+reads it twice in blocks (calibration ranges, then quantised rows into a temporary file) and renames.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from typing import IO, Any
 
 import numpy as np
 
-HEADER_BYTES = 128  # an .npy v1.0 header for a 2-D float32 array always fits in 128 bytes
+from producer.job import quantize
+
+HEADER_BYTES = 128  # an .npy v1.0 header for a 2-D array always fits in 128 bytes
 _MAGIC = b"\x93NUMPY\x01\x00"
+#: Rows read at a time when the partial file is read back: about this many bytes of float32 each.
+BLOCK_BYTES = 16 << 20
 
 
-def npy_header(rows: int, dim: int) -> bytes:
-    """An .npy v1.0 header for a C-ordered float32 (rows, dim) array, padded to HEADER_BYTES."""
-    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
+def npy_header(rows: int, dim: int, descr: str = "<f4") -> bytes:
+    """An .npy v1.0 header for a C-ordered (rows, dim) array of `descr`, padded to HEADER_BYTES."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
     body_len = HEADER_BYTES - len(_MAGIC) - 2
     body = text.ljust(body_len - 1) + "\n"
     return _MAGIC + body_len.to_bytes(2, "little") + body.encode("latin1")
@@ -50,15 +56,21 @@ class ChunkRecord:
     padded_tokens: int
     truncated: int
     dtype: str
+    #: Under --long chunk-mean / chunks: documents split into windows, and the windows they became.
+    split: int = 0
+    windows: int = 0
 
 
 class PartialOutput:
     """The files of one job in progress, and what a previous run of the same job already finished."""
 
-    def __init__(self, output: str, dim: int, job_id: str) -> None:
+    def __init__(self, output: str, dim: int, job_id: str, precision: str = "float32") -> None:
+        quantize.check_precision(precision)
         self.output = Path(output)
         self.kind = output_kind(output)
         self.dim = dim
+        #: The partial file is float32 whatever this is: it only changes what `finish()` writes.
+        self.precision = precision
         self.job_id = job_id
         self.data_path = Path(f"{output}.partial")
         self.log_path = Path(f"{output}.partial.log")
@@ -110,8 +122,13 @@ class PartialOutput:
         entry = {"source": source, "line": line, "reason": reason, "record": raw}
         self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def write_chunk(self, record: ChunkRecord, array: np.ndarray) -> None:
-        """Write rows at their offset, make them durable, then log the chunk as finished."""
+    def rows_of(self, record: ChunkRecord) -> int:
+        """Output rows of a finished chunk: one per document here (producer/job/window_output.py differs)."""
+        return record.rows
+
+    def write_chunk(self, record: ChunkRecord, array: np.ndarray, windows: np.ndarray | None = None) -> None:
+        """Write rows at their offset, make them durable, then log the chunk as finished (`windows`, a
+        window table, matters only to producer/job/window_output.py)."""
         if array.shape != (record.rows, self.dim):
             raise ValueError(f"chunk {record.chunk}: expected {(record.rows, self.dim)} rows, got {array.shape}")
         self._data.seek(HEADER_BYTES + record.start * self.dim * 4)
@@ -142,15 +159,23 @@ class PartialOutput:
             data.write(npy_header(rows, self.dim))
             data.flush()
             os.fsync(data.fileno())
-        self._write_manifest(manifest)
+        ranges = None
+        if self.precision in quantize.CALIBRATED:
+            # One pass for the ranges of the whole job, a second one (below) to quantise with them.
+            ranges = quantize.calibration_ranges(self._float_blocks(rows), self.dim)
+        self._write_manifest({**manifest, **quantize.manifest_fields(self.precision, ranges)})
         if self.rejects_path.exists():
             os.replace(self.rejects_path, str(self.output) + ".rejects.jsonl")
         else:
             Path(str(self.output) + ".rejects.jsonl").unlink(missing_ok=True)
-        if self.kind == "npy":
+        blocks = (quantize.quantize(block, self.precision, ranges) for block in self._float_blocks(rows))
+        if self.kind == "npy" and self.precision == "float32":
             os.replace(self.data_path, self.output)
+        elif self.kind == "npy":
+            self._write_npy(rows, blocks)
+            self.data_path.unlink()
         else:
-            self._write_parquet(rows)
+            self._write_parquet(blocks)
             self.data_path.unlink()
         self.log_path.unlink(missing_ok=True)
         self.ids_path.unlink(missing_ok=True)
@@ -166,22 +191,54 @@ class PartialOutput:
             handle.write("]\n}\n")
         os.replace(temp, self.manifest_path)
 
-    def _write_parquet(self, rows: int) -> None:
+    def _block_rows(self) -> int:
+        return max(1, BLOCK_BYTES // (self.dim * 4))
+
+    def _float_blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """The float32 rows of the partial file, a block at a time.
+
+        Plain reads, not a memory map: pages of a map stay in the process's RSS once touched, so a
+        large job would end holding its whole matrix; a block read and dropped keeps memory bounded.
+        """
+        step = self._block_rows()
+        with open(self.data_path, "rb") as data:
+            data.seek(HEADER_BYTES)
+            for start in range(0, rows, step):
+                count = min(step, rows - start)
+                block = np.fromfile(data, dtype="<f4", count=count * self.dim)
+                if block.size != count * self.dim:
+                    raise ValueError(f"{self.data_path}: expected {rows} rows of {self.dim}, the file is shorter")
+                yield block.reshape(count, self.dim)
+
+    def _write_npy(self, rows: int, blocks: Iterator[np.ndarray]) -> None:
+        dtype = quantize.output_dtype(self.precision)
+        width = quantize.output_width(self.precision, self.dim)
+        temp = Path(str(self.output) + ".tmp")
+        with open(temp, "wb") as out:
+            out.write(npy_header(rows, width, dtype.str))
+            for block in blocks:
+                out.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, self.output)
+
+    def _write_parquet(self, blocks: Iterator[np.ndarray]) -> None:
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # why: producer/job/parquet_input.py
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        matrix = np.memmap(self.data_path, dtype="<f4", mode="r", offset=HEADER_BYTES, shape=(rows, self.dim))
-        schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), self.dim))])
+        dtype = quantize.output_dtype(self.precision)
+        width = quantize.output_width(self.precision, self.dim)
+        value_type = pa.from_numpy_dtype(dtype)
+        schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value_type, width))])
         temp = Path(str(self.output) + ".tmp")
         ids = self._ids_iter()
         with pq.ParquetWriter(temp, schema) as writer:
-            for start in range(0, rows, 65536):
-                block = np.asarray(matrix[start : start + 65536])
+            for block in blocks:
                 block_ids = [next(ids) for _ in range(block.shape[0])]
-                values = pa.array(block.reshape(-1), type=pa.float32())
-                column = pa.FixedSizeListArray.from_arrays(values, self.dim)
+                values = pa.array(np.ascontiguousarray(block, dtype=dtype).reshape(-1), type=value_type)
+                column = pa.FixedSizeListArray.from_arrays(values, width)
                 writer.write_table(pa.Table.from_arrays([pa.array(block_ids, pa.string()), column], schema=schema))
-        del matrix
         os.replace(temp, self.output)
 
     def discard(self) -> None:
@@ -189,3 +246,4 @@ class PartialOutput:
         self.close()
         for path in (self.data_path, self.log_path, self.ids_path, self.rejects_path):
             path.unlink(missing_ok=True)
+        Path(str(self.output) + ".tmp").unlink(missing_ok=True)

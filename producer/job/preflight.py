@@ -28,7 +28,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
-def check_output(output: str, *, rows_hint: int, dim: int) -> None:
+def check_output(output: str, *, rows_hint: int, dim: int, precision: str = "float32") -> None:
     """-o must name a file that can be written, in a folder (or a folder to create) with room for it."""
     from producer.job.output import output_kind
 
@@ -51,8 +51,13 @@ def check_output(output: str, *, rows_hint: int, dim: int) -> None:
         raise ConfigError(
             f"-o {output}: cannot write in {folder} ({error.strerror}); choose a folder you can write to"
         ) from None
-    # The rows are written once as float32; Parquet is written next to them before they are removed.
-    need = rows_hint * dim * 4 * (2 if kind == "parquet" else 1) + _SPACE_MARGIN_BYTES
+    # The rows are written once as float32; Parquet or a quantised .npy is written next to them before
+    # they are removed (a float32 .npy is the partial file renamed).
+    from producer.job.quantize import output_dtype, output_width
+
+    partial = rows_hint * dim * 4
+    final = rows_hint * output_width(precision, dim) * output_dtype(precision).itemsize
+    need = partial + (final if kind == "parquet" or precision != "float32" else 0) + _SPACE_MARGIN_BYTES
     stat = os.statvfs(folder)
     free = stat.f_bavail * stat.f_frsize
     if free < need:

@@ -1,4 +1,4 @@
-"""Corpus readers: stream records from .txt, .jsonl, .csv or stdin, validating each one.
+"""Corpus readers: stream records from .txt, .jsonl, .csv, .parquet or stdin, validating each one.
 
 Each reader yields `Record` (a valid text with its id) or `Rejected` (line and reason); nothing is
 read whole into memory. What to do with a rejected record (fail or skip) is the caller's choice.
@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from workers.protocol.errors import InputError
 
-FORMATS = ("auto", "txt", "jsonl", "csv")
+FORMATS = ("auto", "txt", "jsonl", "csv", "parquet")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,11 @@ def check_text(value: Any, field: str) -> str | None:
 def detect_format(path: str, requested: str = "auto") -> str:
     if requested != "auto":
         if requested not in FORMATS:
-            raise InputError(f"--format {requested!r}: choose txt, jsonl or csv", source=path)
+            raise InputError(f"--format {requested!r}: choose txt, jsonl, csv or parquet", source=path)
+        if requested == "parquet" and path == "-":
+            raise InputError(
+                "--format parquet: Parquet is read from its footer, so pass a file, not stdin", source=path
+            )
         return requested
     lower = path.lower()
     for suffix, fmt in (
@@ -62,12 +66,13 @@ def detect_format(path: str, requested: str = "auto") -> str:
         (".json", "jsonl"),
         (".csv", "csv"),
         (".txt", "txt"),
+        (".parquet", "parquet"),
     ):
         if lower.endswith(suffix):
             return fmt
     if path == "-":
         return "auto-stdin"
-    raise InputError("unknown input type: name it .txt, .jsonl or .csv, or pass --format", source=path)
+    raise InputError("unknown input type: name it .txt, .jsonl, .csv or .parquet, or pass --format", source=path)
 
 
 def open_input(path: str) -> IO[bytes]:
@@ -154,11 +159,27 @@ def read_csv(stream: IO[bytes], text_field: str, id_field: str) -> Iterator[Reco
         yield Record(number, str(row.get(id_field) or number), value)  # type: ignore[arg-type]
 
 
+def read_parquet(path: str, text_field: str, id_field: str) -> Iterator[Record | Rejected]:
+    """A text column and an id column, a record batch at a time; a null id is the row number."""
+    from producer.job.parquet_input import parquet_rows
+
+    for number, text, record_id in parquet_rows(path, text_field, id_field):
+        reason = check_text(text, text_field)
+        if reason:
+            yield Rejected(number, reason, _preview(repr(text)))
+        else:
+            yield Record(number, str(number) if record_id is None else str(record_id), text)
+
+
 def read_records(
     path: str, *, fmt: str = "auto", text_field: str = "text", id_field: str = "id"
 ) -> Iterator[Record | Rejected]:
     """Stream records from `path` (or stdin for '-'), whatever its format."""
     chosen = detect_format(path, fmt)
+    if chosen == "parquet":
+        open_input(path).close()  # the same one-line errors as other formats for a missing file
+        yield from read_parquet(path, text_field, id_field)
+        return
     stream = open_input(path)
     try:
         if chosen == "auto-stdin":
@@ -183,6 +204,10 @@ def count_lines(path: str) -> int | None:
     """Lines in a regular file, for the progress bar's ETA; None for stdin (unknown)."""
     if path == "-" or not os.path.isfile(path):
         return None
+    if path.lower().endswith(".parquet"):
+        from producer.job.parquet_input import count_rows
+
+        return count_rows(path)
     count = 0
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -14,7 +14,11 @@ from typing import Any, get_type_hints
 
 from redis.typing import EncodableT, FieldT
 
-RUNNING, DONE, FAILED = "running", "done", "failed"
+from workers.protocol.keys import JOB_DONE as DONE
+from workers.protocol.keys import JOB_FAILED as FAILED
+from workers.protocol.keys import JOB_RUNNING as RUNNING
+
+__all__ = ["DONE", "FAILED", "RUNNING", "JobRecord"]
 #: Counters the job increments (HINCRBY) as chunks are sent, collected, or fail for good.
 SENT_CHUNKS, DONE_CHUNKS, FAILED_CHUNKS = "sent_chunks", "done_chunks", "failed_chunks"
 #: Fields written when the job ends (`end_fields`).

@@ -26,14 +26,31 @@ from producer.job.output import ChunkRecord, PartialOutput
 from producer.job.progress import Progress
 from producer.job.readers import Record, Rejected, count_lines, read_records
 from producer.job.spec import JobOptions, JobReport, job_id_for
+from producer.job.window_output import open_partial, unsupported
 from workers.protocol import events
 from workers.protocol.config import Settings
 from workers.protocol.errors import BrokerUnavailable, InputError, JobFailed
 from workers.protocol.keys import Keys, connect
+from workers.protocol.long_docs import CHUNKS, TRUNCATE
 from workers.protocol.queues import queue_depth
 from workers.protocol.store import ResultStore, open_store
 
 log = logging.getLogger("embedq.producer")
+
+
+def _record(chunk: int, start: int, rows: int, event: dict[str, Any]) -> ChunkRecord:
+    """The resume log's record of a done chunk of `rows` documents starting at row `start`."""
+    return ChunkRecord(
+        chunk,
+        start,
+        rows,
+        int(event["tokens"]),
+        int(event["padded_tokens"]),
+        int(event["truncated"]),
+        str(event["dtype"]),
+        int(event.get("split", 0)),
+        int(event.get("windows", 0)),
+    )
 
 
 @dataclass
@@ -122,7 +139,9 @@ class Job:
 
     def run(self) -> JobReport:
         started = time.monotonic()
-        partial = PartialOutput(self.output, self.options.model.dim, self.job_id)
+        partial = open_partial(
+            self.output, self.options.output_dim, self.job_id, self.options.long, self.options.precision
+        )
         self._record_job_start()
         earlier = self._earlier_results(partial)
         try:
@@ -185,8 +204,8 @@ class Job:
             self.dispatcher.fail(chunk, event.get("reason", "unknown"), quarantined=bool(event.get("quarantined")))
             self._with_broker(lambda: self.redis.hincrby(self.keys.job(self.job_id), job_record.FAILED_CHUNKS, 1))
             return
-        array = self._with_broker(lambda: self.store.get(self.job_id, chunk))
-        if array is None:
+        stored = self._with_broker(lambda: self.store.get_chunk(self.job_id, chunk))
+        if stored is None:
             # Lost between the event and now (Redis restarted empty, evicted, expired): compute it again.
             self.dispatcher.resend(
                 pending,
@@ -195,16 +214,13 @@ class Job:
                 "empty, or the key expired or was evicted: raise EMBEDQ_RESULT_TTL_S, use noeviction)",
             )
             return
-        record = ChunkRecord(
-            chunk,
-            pending.start,
-            int(event["rows"]),
-            int(event["tokens"]),
-            int(event["padded_tokens"]),
-            int(event["truncated"]),
-            str(event["dtype"]),
-        )
-        partial.write_chunk(record, array)
+        why = unsupported(self.options.long, dict(event), stored.windows)
+        if why:
+            self.dispatcher.fail(chunk, why)
+            self._with_broker(lambda: self.store.delete(self.job_id, chunk))
+            return
+        record = _record(chunk, pending.start, int(event["rows"]), dict(event))
+        partial.write_chunk(record, stored.array, stored.windows)
         self._settle(chunk, count_done=True)
         self.dispatcher.collected(chunk, float(event.get("ms", 0.0)))
         self._count_finished(record, reused=False)
@@ -240,19 +256,15 @@ class Job:
 
     def _adopt(self, partial: PartialOutput, chunk: _Chunk, event: dict[str, Any]) -> bool:
         """Write a chunk an earlier run left computed in the store; False when it is gone or does not match."""
-        array = self._with_broker(lambda: self.store.get(self.job_id, chunk.index))
-        if array is None or array.shape[0] != len(chunk.texts) or int(event["rows"]) != len(chunk.texts):
+        stored = self._with_broker(lambda: self.store.get_chunk(self.job_id, chunk.index))
+        if stored is None or int(event["rows"]) != len(chunk.texts):
             return False
-        record = ChunkRecord(
-            chunk.index,
-            chunk.start,
-            len(chunk.texts),
-            int(event["tokens"]),
-            int(event["padded_tokens"]),
-            int(event["truncated"]),
-            str(event["dtype"]),
-        )
-        partial.write_chunk(record, array)
+        if unsupported(self.options.long, event, stored.windows):
+            return False
+        record = _record(chunk.index, chunk.start, len(chunk.texts), event)
+        if stored.array.shape[0] != partial.rows_of(record):
+            return False
+        partial.write_chunk(record, stored.array, stored.windows)
         self._settle(chunk.index)
         self._count_finished(record, reused=True)
         return True
@@ -261,6 +273,8 @@ class Job:
         self.report.tokens += record.tokens
         self.report.padded_tokens += record.padded_tokens
         self.report.truncated += record.truncated
+        self.report.split += record.split
+        self.report.windows += record.windows
         self.report.dtypes.add(record.dtype)
         if reused:
             self.report.reused_chunks += 1
@@ -350,6 +364,16 @@ class Job:
         more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
         return f"{len(failures)} of {self.report.chunks} chunks failed, output not written: {'; '.join(parts)}{more}"
 
+    def _long_fields(self) -> dict[str, Any]:
+        """The long-document policy, how many documents it split and into how many windows (and under
+        `chunks`, the rows of the output)."""
+        fields: dict[str, Any] = {"long": self.options.long, "split_docs": self.report.split}
+        if self.options.long != TRUNCATE:
+            fields["split_windows"] = self.report.windows
+        if self.options.long == CHUNKS:
+            fields["window_rows"] = self.report.rows - self.report.split + self.report.windows
+        return fields
+
     def _manifest(self) -> dict[str, Any]:
         report = self.report
         return {
@@ -358,10 +382,13 @@ class Job:
             "output": self.output,
             "model": self.options.model.name,
             "model_path": self.options.model.path,
-            "dim": self.options.model.dim,
+            "dim": self.options.output_dim,
             "pooling": self.options.model.pooling,
             "max_length": self.options.model.max_length,
             "normalize": self.options.normalize,
+            "prompt_name": self.options.prompt_name,
+            "prompt": self.options.prompt,
+            "dimensions": self.options.dimensions,
             "dtype": ",".join(sorted(report.dtypes)) or self.options.dtype,
             "rows": report.rows,
             "chunks": report.chunks,
@@ -372,6 +399,7 @@ class Job:
             "tokens": report.tokens,
             "padded_tokens": report.padded_tokens,
             "truncated": report.truncated,
+            **self._long_fields(),
             "rejected": report.rejected,
             "wall_s": round(report.wall_s, 3),
             "docs_per_s": round(report.docs_per_s, 1),

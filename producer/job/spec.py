@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.job.chunk_plan import MIN_TAIL_ROWS
+from workers.protocol.long_docs import TRUNCATE
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,13 @@ class JobOptions:
     tail_split: int = 0
     #: ... but never below this many rows (producer/job/chunk_plan.py MIN_TAIL_ROWS).
     min_chunk_rows: int = MIN_TAIL_ROWS
-    queue: str = BULK
     text_field: str = "text"
     id_field: str = "id"
     input_format: str = "auto"
     on_invalid: str = "fail"
+    #: Output precision (producer/job/quantize.py). Not part of the job's identity: the partial file is
+    #: float32 whatever it is, so a rerun with another precision reuses the chunks already finished.
+    precision: str = "float32"
     #: A chunk with no news for this long is sent again (its message may be lost).
     stall_timeout_s: float = 600.0
     #: With no live worker for this long (none started, or every host lost), the job fails naming its rows.
@@ -42,6 +46,23 @@ class JobOptions:
     max_sends: int = 3
     #: How long to keep trying while the broker is unreachable mid-job.
     broker_retry_s: float = 300.0
+    #: What becomes of a document over the model's length (workers/protocol/long_docs.py).
+    long: str = TRUNCATE
+    #: The prompt text prepended to every text (workers/protocol/prompts.py), and the name it came from.
+    prompt: str = ""
+    prompt_name: str | None = None
+    #: Leading components kept of each vector (Matryoshka), None for all of them.
+    dimensions: int | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output rows: the dimensions kept, else the model's."""
+        return self.dimensions or self.model.dim
+
+    @property
+    def queue(self) -> str:
+        """The model's bulk queue: every send of the job goes there, re-sends and backups too."""
+        return queue_name(BULK, self.model.name)
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -54,6 +75,13 @@ class JobOptions:
         }
         if self.batch_tokens:
             options["batch_tokens"] = self.batch_tokens
+        if self.long != TRUNCATE:  # absent under truncate, so that such jobs keep the ids they always had
+            options["long"] = self.long
+        # Sent only when asked for, so that the ids of jobs that use neither stay what they were (they resume).
+        if self.prompt or self.model.default_prompt_name is not None:
+            options["prompt"] = self.prompt
+        if self.dimensions:
+            options["dimensions"] = self.dimensions
         return options
 
 
@@ -71,6 +99,9 @@ class JobReport:
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
+    #: Under --long chunk-mean / chunks: documents split into windows, and the windows they became.
+    split: int = 0
+    windows: int = 0
     rejected: int = 0
     dtypes: set[str] = field(default_factory=set)
     failures: list[dict[str, Any]] = field(default_factory=list)

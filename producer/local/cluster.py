@@ -18,7 +18,6 @@ from producer.local.embedded_redis import EmbeddedRedis
 from producer.local.processes import start_process, stop_process
 from workers.protocol.config import Settings
 from workers.protocol.errors import WorkersFailed
-from workers.protocol.queues import QUEUES
 
 __all__ = ["LocalCluster", "WorkersFailed", "start_process", "stop_process", "worker_command"]
 
@@ -30,8 +29,13 @@ def worker_command(
     loglevel: str = "WARNING",
     *,
     app: str = "workers.app",
+    queues: list[str] | None = None,
 ) -> list[str]:
-    """`celery -A APP worker` on embedq's queues, in priority order."""
+    """`celery -A APP worker`; without `queues`, on the queues of the model in its EMBEDQ_MODEL, in priority order.
+
+    The worker's own app declares its model's queues (workers/protocol/routing.py), so a worker started
+    for any model consumes the right ones without being told; `queues` narrows them (a reserved lane).
+    """
     args = [
         sys.executable,
         "-m",
@@ -41,8 +45,7 @@ def worker_command(
         "worker",
         "--pool",
         pool,
-        "-Q",
-        ",".join(QUEUES),
+        *(["-Q", ",".join(queues)] if queues else []),
         "-n",
         hostname,
         "--loglevel",

@@ -26,6 +26,7 @@ from workers.protocol.config import Settings
 from workers.protocol.errors import WorkersFailed
 from workers.protocol.keys import redact
 from workers.protocol.queues import INTERACTIVE
+from workers.protocol.routing import worker_queues
 
 
 @dataclass
@@ -48,8 +49,9 @@ def interactive_worker(settings: Settings, children: int, hostname: str) -> tupl
     a reserved child answers at once. It sleeps between requests and uses one torch thread, so it
     costs a model's memory, not cores.
     """
-    command = worker_command(children, hostname=hostname, loglevel="INFO")
-    command[command.index("-Q") + 1] = INTERACTIVE
+    command = worker_command(
+        children, hostname=hostname, loglevel="INFO", queues=worker_queues(settings.model, [INTERACTIVE])
+    )
     env = {
         **os.environ,
         **settings.replace(torch_threads=1).to_env(),

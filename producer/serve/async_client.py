@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 
 from producer.serve.client import _ClientBase, _Request
 from workers.protocol import events
-from workers.protocol.queues import INTERACTIVE, queue_depth_async
+from workers.protocol.queues import queue_depth_async
 from workers.protocol.store import decode_result
 
 
@@ -44,26 +44,46 @@ class AsyncEmbedClient(_ClientBase):
         self.redis = aredis.Redis.from_pool(pool)
 
     async def queue_depth(self) -> int:
-        """Messages waiting in the interactive queue."""
-        return await queue_depth_async(self.redis, self._core.keys, INTERACTIVE)
+        """Messages waiting in this model's interactive queue."""
+        return await queue_depth_async(self.redis, self._core.keys, self._core.queue)
 
-    async def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
-        """Embed `texts` -> float32 (n, dim); see `embed_with_usage` for the token count too."""
-        matrix, _ = await self.embed_with_usage(texts, timeout)
+    async def embed(
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` -> float32 (n, dim); see `EmbedClient.embed` for the options, `embed_with_usage` for
+        the token count too."""
+        matrix, _ = await self.embed_with_usage(
+            texts, timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions
+        )
         return matrix
 
     async def embed_with_usage(
-        self, texts: str | Sequence[str], timeout: float | None = 30.0
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
     ) -> tuple[np.ndarray, int]:
         """The matrix and the tokens the workers embedded for it (cached texts cost none)."""
         core = self._core
-        request = core.plan(texts)
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
+        await self.check_served()
+        cache_changes: dict[str, int] = {}
         if core.cache is not None and request.unique:
-            values = cast(list[bytes | None], await self.redis.mget(core.cache.keys_for(request.unique)))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name, amount in core.apply_cache(request, values).items():
-                    pipe.hincrby(core.keys.stats(), name, amount)
-                await pipe.execute()
+            values = cast(list[bytes | None], await self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
+            cache_changes = core.apply_cache(request, values)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (key, name), amount in core.counters(cache_changes).items():
+                pipe.hincrby(key, name, amount)
+            await pipe.execute()
         sends = core.chunk_up(request)
         if sends:
             # Publishing is a quick Redis LPUSH, but kombu's API is blocking: keep it off the loop.
@@ -76,7 +96,14 @@ class AsyncEmbedClient(_ClientBase):
         finally:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self.redis.delete(*core.cleanup_keys(request))
-        return request.matrix(core.dim), request.tokens
+        return request.matrix(request.extra.get("dimensions") or core.dim), request.tokens
+
+    async def check_served(self) -> None:
+        """ModelNotServed at once when live workers serve only other models (read at most every REFRESH_S)."""
+        core = self._core
+        if core.served.stale(core.model.name):
+            await core.served.read_async(self.redis)
+        core.check_served()
 
     async def _take(self, request: _Request, event: events.ChunkEvent) -> None:
         """Fold one event in: fetch and forget its result, and cache its rows."""

@@ -1,7 +1,7 @@
 """An optional cache of embeddings in Redis: a sentence asked for twice is embedded once.
 
-Entries are keyed by (model, options, sha256(text)), so a change of model, pooling, length limit or
-normalisation never returns a stale vector. Values are raw little-endian float32 bytes with a TTL.
+Entries are keyed by (model, options, sha256(text)), so a change of model, pooling, length limit,
+normalisation, prompt or dimensions never returns a stale vector. Values are raw little-endian float32 bytes with a TTL.
 Hits and misses are counted per client (`stats`) and fleet-wide in the `Keys.stats()` hash, which
 `/metrics` reports as a hit rate.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +41,31 @@ class EmbeddingCache:
         self.keys = keys
         self.ttl_s = ttl_s
         self.stats = CacheStats()
-        identity = json.dumps({"model": model, "options": options}, sort_keys=True, separators=(",", ":"))
-        # One short digest of model and options, so that each text key stays short.
-        self._namespace = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self._model = model
+        self._options = options
+        self._namespaces: dict[str, str] = {}
+        self._namespace = self.namespace()
 
-    def key(self, text: str) -> str:
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        return self.keys.cache(self._namespace, digest)
+    def namespace(self, extra: Mapping[str, Any] | None = None) -> str:
+        """One short digest of model and options (with a request's own, such as prompt and dimensions), so
+        that each text key stays short."""
+        options = {**self._options, **(extra or {})}
+        identity = json.dumps({"model": self._model, "options": options}, sort_keys=True, separators=(",", ":"))
+        found = self._namespaces.get(identity)
+        if found is None:
+            if len(self._namespaces) > 1024:  # prompts are few, but a client may send arbitrary ones
+                self._namespaces.clear()
+            found = self._namespaces[identity] = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return found
 
-    def keys_for(self, texts: Sequence[str]) -> list[str]:
-        return [self.key(text) for text in texts]
+    def key(self, text: str, extra: Mapping[str, Any] | None = None) -> str:
+        return self.keys_for([text], extra)[0]
+
+    def keys_for(self, texts: Sequence[str], extra: Mapping[str, Any] | None = None) -> list[str]:
+        namespace = self.namespace(extra) if extra else self._namespace
+        return [
+            self.keys.cache(namespace, hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest()) for t in texts
+        ]
 
     def decode(self, values: Sequence[bytes | None]) -> list[np.ndarray | None]:
         """MGET replies -> one vector (or None for a miss) per text; counts the hits and misses."""

@@ -32,7 +32,8 @@ from celery import Celery
 from producer.job.broker import send_chunk, sender_app
 from producer.job.readers import check_text
 from producer.serve.cache import DEFAULT_TTL_S, CacheStats, EmbeddingCache
-from workers.protocol import events
+from producer.serve.request_options import request_options
+from workers.protocol import deadlines, events
 from workers.protocol.config import Settings
 from workers.protocol.errors import (
     BrokerUnavailable,
@@ -40,13 +41,16 @@ from workers.protocol.errors import (
     InvalidRecords,
     JobFailed,
     ModelError,
+    ModelNotServed,
     RequestTimeout,
     ResultMissing,
 )
-from workers.protocol.keys import Keys, connect
-from workers.protocol.model_info import DEFAULT_MODEL_NAME, ModelInfo
+from workers.protocol.keys import Keys, connect, redact
+from workers.protocol.model_info import ModelInfo, model_identity
 from workers.protocol.model_registry import describe
 from workers.protocol.queues import INTERACTIVE, queue_depth
+from workers.protocol.routing import queue_name
+from workers.protocol.served import ServedView
 from workers.protocol.store import RedisStore
 
 #: Texts per task: small, so that a large request spreads over every worker.
@@ -70,12 +74,14 @@ def validate_texts(texts: Any) -> list[str]:
 
 
 def served_model(settings: Settings) -> ModelInfo:
-    """The model the workers are asked for: read from its folder, else as the fleet announced it (a light
-    install); one that neither describes is named only, and its width learnt from the first result."""
+    """The model the workers are asked for: as the fleet announced it, else read from its folder; one that
+    neither describes is named only, and its width learnt from the first result."""
     try:
-        return describe(settings)
+        return describe(settings, prefer_fleet=True)
     except (ModelError, BrokerUnavailable):
-        name = settings.model.rstrip("/").rsplit("/", 1)[-1] or DEFAULT_MODEL_NAME
+        # A folder on the workers' machines is known by its folder's name (workers/protocol/model_info.py).
+        looks_like_path = settings.model.startswith(("/", ".", "~"))
+        name = settings.model.rstrip("/").rsplit("/", 1)[-1] if looks_like_path else model_identity(settings.model)
         return ModelInfo(name, settings.model, False, "", 0, 0)
 
 
@@ -92,6 +98,8 @@ class _Request:
     chunks: dict[int, list[int]] = field(default_factory=dict)
     tokens: int = 0
     failures: list[str] = field(default_factory=list)
+    #: This request's own task options (prompt, dimensions): part of its cache keys.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -126,6 +134,10 @@ class _Core:
         self.settings = base.replace(**changes) if changes else base
         self.keys = Keys(self.settings.key_prefix)
         self.model = served_model(self.settings)
+        #: This model's interactive queue: only its workers take the request's chunks (workers/protocol/routing.py).
+        self.queue = queue_name(INTERACTIVE, self.model.name)
+        #: Which models live workers serve on the interactive lane: a request for another fails at once.
+        self.served = ServedView(self.keys, INTERACTIVE)
         self.dim = self.model.dim
         self.chunk_rows = max(1, chunk_rows)
         self.options: dict[str, Any] = {"model": self.model.name, "normalize": normalize, "results": "redis"}
@@ -137,13 +149,14 @@ class _Core:
         self.requests = 0
         self.texts = 0
 
-    def plan(self, texts: Any) -> _Request:
+    def plan(self, texts: Any, extra: dict[str, Any] | None = None) -> _Request:
         valid = validate_texts(texts)
         unique: dict[str, int] = {}
         slots = [unique.setdefault(text, len(unique)) for text in valid]
         self.requests += 1
         self.texts += len(valid)
-        return _Request(f"req-{uuid.uuid4().hex[:20]}", valid, slots, list(unique), [None] * len(unique))
+        job = f"req-{uuid.uuid4().hex[:20]}"
+        return _Request(job, valid, slots, list(unique), [None] * len(unique), extra=extra or {})
 
     def apply_cache(self, request: _Request, values: Sequence[bytes | None]) -> dict[str, int]:
         """Fill the request from the cache's MGET replies; returns the fleet counters to add."""
@@ -164,10 +177,15 @@ class _Core:
         return sends
 
     def send(self, request: _Request, sends: list[tuple[int, list[str]]], expires_s: float | None = None) -> None:
-        # Expiring with the request: a worker that gets to it after the caller gave up discards it,
-        # so abandoned requests leave no work, no stored array and no events behind.
+        # The request's deadline travels with each chunk: a worker that gets to it after the caller gave up
+        # drops it unrun and counts it (workers/protocol/deadlines.py), so abandoned requests leave no work,
+        # no stored array and no events behind.
+        options = {**self.options, **request.extra}
+        deadline = deadlines.deadline_in(expires_s)
+        if deadline is not None:
+            options[deadlines.OPTION] = deadline
         for index, texts in sends:
-            send_chunk(self.app, request.job, index, texts, self.options, queue=INTERACTIVE, expires_s=expires_s)
+            send_chunk(self.app, request.job, index, texts, options, queue=self.queue)
 
     def waits(self, request: _Request, timeout_s: float | None) -> Iterator[float]:
         """How long to wait for each next event until the request is done; RequestTimeout past `timeout_s`."""
@@ -195,11 +213,12 @@ class _Core:
         request.tokens += event["tokens"]
         for row, slot in enumerate(slots):
             request.vectors[slot] = array[row]
-        if not self.dim:
+        if not self.dim and "dimensions" not in request.extra:
             self.dim = int(array.shape[1])
         if self.cache is None:
             return []
-        return [(self.cache.key(request.unique[slot]), self.cache.encode(array[row])) for row, slot in enumerate(slots)]
+        keys = self.cache.keys_for([request.unique[slot] for slot in slots], request.extra)
+        return [(key, self.cache.encode(array[row])) for row, key in enumerate(keys)]
 
     def cleanup_keys(self, request: _Request) -> list[str]:
         return [self.keys.events(request.job), self.keys.deliveries(request.job)]
@@ -207,8 +226,18 @@ class _Core:
     def timeout_error(self, request: _Request, timeout_s: float) -> RequestTimeout:
         return RequestTimeout(
             f"no result for {len(request.chunks)} of the request's chunks after {timeout_s:g} s: are workers "
-            f"running and consuming the {INTERACTIVE!r} queue? (check GET /health or `embedq status`)"
+            f"running and consuming the {self.queue!r} queue? (check GET /health or `embedq status`)"
         )
+
+    def check_served(self) -> None:
+        """ModelNotServed (at once) when live workers serve only other models on the interactive lane."""
+        self.served.check(self.model.name, f" on {redact(self.settings.broker_url)}")
+
+    def counters(self, cache_changes: dict[str, int]) -> dict[tuple[str, str], int]:
+        """(hash, field) -> amount to add for one request: the cache's counters and the model's requests."""
+        changes = {(self.keys.stats(), name): amount for name, amount in cache_changes.items()}
+        changes[(self.keys.model_stats(), f"requests:{self.model.name}")] = 1
+        return changes
 
     def stats(self) -> dict[str, Any]:
         cache = self.cache.stats if self.cache else CacheStats()
@@ -250,7 +279,7 @@ class EmbedHandle:
                 self._client._take(self._request, timeout_s=wait_s)
         finally:
             self._client._finish(self._request)
-        return self._request.matrix(self._client.dim)
+        return self._request.matrix(self._request.extra.get("dimensions") or self._client.dim)
 
 
 class _ClientBase:
@@ -288,6 +317,13 @@ class _ClientBase:
     def model(self) -> ModelInfo:
         return self._core.model
 
+    def check_options(
+        self, prompt_name: str | None = None, prompt: str | None = None, dimensions: int | None = None
+    ) -> dict[str, Any]:
+        """The task options a request with these arguments would send (its resolved prompt text and
+        dimensions); UnknownPrompt or DimensionsUnsupported (both ConfigError) now, before anything is sent."""
+        return request_options(self._core.model, self._core.dim, prompt_name, prompt, dimensions)
+
     @property
     def dim(self) -> int:
         """Width of the vectors (learnt from the first result when the model folder is not local)."""
@@ -320,26 +356,54 @@ class EmbedClient(_ClientBase):
         self.store = RedisStore(self.redis, self._core.keys, self._core.settings.result_ttl_s)
 
     def queue_depth(self) -> int:
-        """Messages waiting in the interactive queue."""
-        return queue_depth(self.redis, self._core.keys, INTERACTIVE)
+        """Messages waiting in this model's interactive queue."""
+        return queue_depth(self.redis, self._core.keys, self._core.queue)
 
-    def embed(self, texts: str | Sequence[str], timeout: float | None = 30.0) -> np.ndarray:
-        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order."""
-        return self.submit(texts, expires_s=timeout).result(timeout)
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        timeout: float | None = 30.0,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order.
 
-    def submit(self, texts: str | Sequence[str], expires_s: float | None = None) -> EmbedHandle:
-        """Send the request and return at once; InvalidRecords if any text is not a valid string.
+        `prompt_name`: one of the folder's sentence-transformers prompts (else `prompt`, a text of your own, else
+        its default); `dimensions`: the first N components, normalised unless normalize=False. Workers drop the
+        chunks they reach after `timeout`.
+        """
+        handle = self.submit(texts, expires_s=timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions)
+        return handle.result(timeout)
 
-        With `expires_s`, workers discard the request's chunks they reach only after that many seconds.
+    def submit(
+        self,
+        texts: str | Sequence[str],
+        expires_s: float | None = None,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+    ) -> EmbedHandle:
+        """Send the request and return at once; InvalidRecords if any text is not a valid string, UnknownPrompt
+        or DimensionsUnsupported (both ConfigError) for a prompt name or width the model does not have.
+
+        With `expires_s`, workers drop the request's chunks they reach only after that many seconds, unrun.
         """
         core = self._core
-        request = core.plan(texts)
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
+        if core.served.stale(core.model.name):
+            core.served.read(self.redis)
+        core.check_served()
+        cache_changes: dict[str, int] = {}
         if core.cache is not None and request.unique:
-            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique)))
-            with self.redis.pipeline(transaction=False) as pipe:
-                for name, amount in core.apply_cache(request, values).items():
-                    pipe.hincrby(core.keys.stats(), name, amount)
-                pipe.execute()
+            values = cast(list[bytes | None], self.redis.mget(core.cache.keys_for(request.unique, request.extra)))
+            cache_changes = core.apply_cache(request, values)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for (key, name), amount in core.counters(cache_changes).items():
+                pipe.hincrby(key, name, amount)
+            pipe.execute()
         core.send(request, core.chunk_up(request), expires_s)
         return EmbedHandle(self, request)
 
@@ -383,6 +447,7 @@ __all__ = [
     "EmbedHandle",
     "EmbedqError",
     "InvalidRecords",
+    "ModelNotServed",
     "RequestTimeout",
     "validate_texts",
 ]

@@ -13,15 +13,17 @@ Usage: a batch's tokens are split among its requests by their share of its chara
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 
 import numpy as np
 
-EmbedFn = Callable[[list[str], float], Awaitable[tuple[np.ndarray, int]]]
+#: embed(texts, timeout_s, variant): `variant` is what requests must share to share a batch (prompt, dimensions).
+EmbedFn = Callable[[list[str], float, Hashable], Awaitable[tuple[np.ndarray, int]]]
+_Pending = list[tuple[list[str], "asyncio.Future[tuple[np.ndarray, int]]"]]
 
 
 class Coalescer:
-    """Collects concurrent small requests into shared batches for `embed(texts, timeout_s)`."""
+    """Collects concurrent small requests with the same variant into shared batches for `embed`."""
 
     def __init__(
         self,
@@ -35,43 +37,43 @@ class Coalescer:
         self.batch_texts = batch_texts
         self.max_request_texts = max_request_texts
         self.window_s = window_s
-        self._pending: list[tuple[list[str], asyncio.Future[tuple[np.ndarray, int]]]] = []
-        self._pending_texts = 0
-        self._timer: asyncio.TimerHandle | None = None
+        # One batch in the making per variant: requests with another prompt or width never share a task.
+        self._pending: dict[Hashable, _Pending] = {}
+        self._pending_texts: dict[Hashable, int] = {}
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
         self._timeout_s = 60.0
         self._running: set[asyncio.Task[None]] = set()
 
-    async def embed(self, texts: list[str], timeout_s: float) -> tuple[np.ndarray, int]:
+    async def embed(self, texts: list[str], timeout_s: float, variant: Hashable = ()) -> tuple[np.ndarray, int]:
         """The (n, dim) matrix and tokens for `texts`, possibly computed together with other requests."""
         if len(texts) > self.max_request_texts:
-            return await self._embed(texts, timeout_s)
+            return await self._embed(texts, timeout_s, variant)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[np.ndarray, int]] = loop.create_future()
-        self._pending.append((texts, future))
-        self._pending_texts += len(texts)
+        self._pending.setdefault(variant, []).append((texts, future))
+        self._pending_texts[variant] = self._pending_texts.get(variant, 0) + len(texts)
         self._timeout_s = timeout_s
-        if self._pending_texts >= self.batch_texts:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.window_s, self._flush)
+        if self._pending_texts[variant] >= self.batch_texts:
+            self._flush(variant)
+        elif variant not in self._timers:
+            self._timers[variant] = loop.call_later(self.window_s, self._flush, variant)
         return await future
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._pending, self._pending_texts = self._pending, [], 0
+    def _flush(self, variant: Hashable) -> None:
+        timer = self._timers.pop(variant, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._pending.pop(variant, [])
+        self._pending_texts.pop(variant, None)
         if batch:
-            task = asyncio.get_running_loop().create_task(self._run(batch, self._timeout_s))
+            task = asyncio.get_running_loop().create_task(self._run(batch, self._timeout_s, variant))
             self._running.add(task)  # a reference, so that the task is not collected mid-flight
             task.add_done_callback(self._running.discard)
 
-    async def _run(
-        self, batch: list[tuple[list[str], asyncio.Future[tuple[np.ndarray, int]]]], timeout_s: float
-    ) -> None:
+    async def _run(self, batch: _Pending, timeout_s: float, variant: Hashable) -> None:
         texts = [text for request, _ in batch for text in request]
         try:
-            matrix, tokens = await self._embed(texts, timeout_s)
+            matrix, tokens = await self._embed(texts, timeout_s, variant)
         except BaseException as error:  # every caller of the batch gets the batch's error
             for _, future in batch:
                 if not future.done():

@@ -1,7 +1,8 @@
 """The HTTP gateway: OpenAI's embeddings API in front of the worker fleet (`embedq serve`).
 
-    POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64"}
-    GET  /v1/models       the model the workers serve
+    POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64",
+                           "dimensions": N, "prompt_name": NAME}
+    GET  /v1/models       every model some live worker serves (producer/serve/model_clients.py)
     GET  /health          200 when the broker answers, a worker replies to a ping and one has loaded its model
     GET  /metrics         Prometheus: embedq's fleet counters and the gateway's own request timings
 
@@ -30,12 +31,13 @@ from prometheus_client import Histogram
 
 from producer.serve.async_client import AsyncEmbedClient
 from producer.serve.client import validate_texts
-from producer.serve.coalesce import Coalescer
 from producer.serve.gateway_guard import ApiError, Guard, install_error_handlers, log
 from producer.serve.limits import RETRY_AFTER_S, Admission, HttpLimits, Overloaded, protocol_class
 from producer.serve.metrics import fleet_registry, render
+from producer.serve.model_clients import ModelClients
 from workers.protocol.config import Settings
-from workers.protocol.errors import InvalidRecords, JobFailed, QueueFull, RequestTimeout
+from workers.protocol.dimensions import DimensionsUnsupported
+from workers.protocol.errors import ConfigError, InvalidRecords, JobFailed, ModelNotServed, QueueFull, RequestTimeout
 from workers.protocol.keys import connect, redact
 
 MIB = 1 << 20
@@ -69,14 +71,6 @@ class GatewayOptions:
     http: HttpLimits = field(default_factory=HttpLimits)
 
 
-def model_ids(client: AsyncEmbedClient) -> list[str]:
-    """Names a request's `model` may use: the served model's name, and its path when it is a folder."""
-    names = [client.model.name]
-    if client.model.path and client.model.path != client.model.name:
-        names.append(client.model.path)
-    return names
-
-
 def parse_input(raw: Any, max_inputs: int) -> list[str]:
     """`input` as a list of texts; too many items is 413, token arrays and anything not text a clear 400."""
     if raw is None:
@@ -106,8 +100,10 @@ def parse_input(raw: Any, max_inputs: int) -> list[str]:
         raise ApiError(400, str(error), param="input", code="invalid_input") from None
 
 
-def parse_options(body: dict[str, Any], served: list[str], dim: int) -> tuple[str, int | None]:
-    """(encoding_format, dimensions) of a request, after checking `model` against the served names."""
+def parse_options(body: dict[str, Any], served: list[str]) -> tuple[str, int | None]:
+    """(encoding_format, dimensions) of a request, after checking `model` against the served names.
+
+    `dimensions` is checked against the model's width by `request_variant`."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
@@ -124,15 +120,24 @@ def parse_options(body: dict[str, Any], served: list[str], dim: int) -> tuple[st
     dimensions = body.get("dimensions")
     if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
         raise ApiError(400, f"'dimensions' must be a positive integer, got {dimensions!r:.80}", param="dimensions")
-    if dimensions is not None and dim and dimensions != dim:
-        raise ApiError(
-            400,
-            f"'dimensions' {dimensions}: {served[0]} only makes {dim}-dimensional vectors; "
-            "omit 'dimensions' or pass that number",
-            param="dimensions",
-            code="dimensions_unsupported",
-        )
     return encoding_format, dimensions
+
+
+def request_variant(
+    client: AsyncEmbedClient, body: dict[str, Any], dimensions: int | None
+) -> tuple[tuple[str, Any], ...]:
+    """The request's `prompt_name` and `dimensions` as keyword pairs for the client, checked now (a clear 400)
+    so that one bad request never fails the others coalesced with it."""
+    prompt_name = body.get("prompt_name")
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise ApiError(400, f"'prompt_name' must be a string, got {type(prompt_name).__name__}", param="prompt_name")
+    try:
+        client.check_options(prompt_name=prompt_name, dimensions=dimensions)
+    except DimensionsUnsupported as error:
+        raise ApiError(400, str(error), param="dimensions", code="dimensions_unsupported") from None
+    except ConfigError as error:
+        raise ApiError(400, str(error), param="prompt_name", code="prompt_name_unknown") from None
+    return (("prompt_name", prompt_name), ("dimensions", dimensions))
 
 
 def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:
@@ -194,21 +199,25 @@ def parse_json(body: bytes) -> dict[str, Any]:
 def create_app(settings: Settings, options: GatewayOptions | None = None) -> Guard:
     """The gateway (an ASGI app) for the workers behind `settings.broker_url`."""
     opts = options or GatewayOptions()
-    client = AsyncEmbedClient(
-        settings=settings,
-        cache=opts.cache,
-        cache_ttl_s=opts.cache_ttl_s,
-        max_connections=opts.max_concurrency + POOL_HEADROOM,
-    )
+
+    def model_client(model: str | None = None) -> AsyncEmbedClient:
+        return AsyncEmbedClient(
+            settings=settings.replace(model=model) if model else settings,
+            cache=opts.cache,
+            cache_ttl_s=opts.cache_ttl_s,
+            max_connections=opts.max_concurrency + POOL_HEADROOM,
+        )
+
+    client = model_client()
+    clients = ModelClients(client, model_client)
     sync_redis = connect(settings.broker_url, check=False)
     admission = Admission(opts.max_concurrency, opts.max_waiting, opts.timeout_s)
-    coalescer = Coalescer(lambda texts, timeout_s: client.embed_with_usage(texts, timeout=timeout_s))
     probes = Admission(MAX_PROBES, 4 * MAX_PROBES)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await client.aclose()
+        await clients.aclose()
         sync_redis.close()
 
     # No trailing-slash redirects: their Location would be built from the client's Host header.
@@ -253,15 +262,26 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
                 param="input",
                 code="input_too_large",
             )
-        encoding_format, dimensions = parse_options(body, model_ids(client), client.dim)
-        depth = await client.queue_depth()
+        model = body.get("model")
+        try:
+            # The request's model picks the client, and with it the model's own queues.
+            chosen = await clients.pick(model if isinstance(model, str) else None)
+        except ModelNotServed as error:
+            raise ApiError(404, str(error), param="model", code="model_not_found") from None
+        target = chosen.client
+        encoding_format, dimensions = parse_options(body, chosen.names)
+        variant = request_variant(target, body, dimensions)
+        depth = await target.queue_depth()
         if depth >= opts.max_queue:
             queue_full = QueueFull(
-                f"the interactive queue holds {depth} requests (limit {opts.max_queue}); retry shortly"
+                f"the interactive queue holds {depth} requests for {target.model.name} (limit {opts.max_queue}); "
+                "retry shortly"
             )
             raise overloaded(queue_full, "queue_full")
         try:
-            matrix, tokens = await coalescer.embed(texts, opts.timeout_s)
+            matrix, tokens = await chosen.coalescer.embed(texts, opts.timeout_s, variant)
+        except ModelNotServed as error:
+            raise ApiError(404, str(error), param="model", code="model_not_found") from None
         except InvalidRecords as error:
             raise ApiError(400, str(error), param="input", code="invalid_input") from None
         except RequestTimeout as error:
@@ -272,27 +292,26 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
             raise ApiError(
                 503, f"broker unreachable: {error}", kind="server_error", code="broker_unavailable"
             ) from None
-        if dimensions is not None and dimensions != matrix.shape[1]:
-            raise ApiError(
-                400,
-                f"'dimensions' {dimensions}: this model makes {matrix.shape[1]}-dimensional vectors",
-                param="dimensions",
-                code="dimensions_unsupported",
-            )
         rows = encode_rows(matrix, encoding_format)
         return JSONResponse(
             {
                 "object": "list",
                 "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-                "model": client.model.name,
+                "model": target.model.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        entry = {"id": client.model.name, "object": "model", "created": 0, "owned_by": "embedq"}
-        return JSONResponse({"object": "list", "data": [entry]})
+        try:
+            names = await clients.served()
+        except (redis.exceptions.RedisError, OSError) as error:
+            raise ApiError(
+                503, f"broker unreachable: {error}", kind="server_error", code="broker_unavailable"
+            ) from None
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "embedq"} for name in names]
+        return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -16,10 +16,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from workers.protocol.events import RESEND_REASONS
+from workers.protocol.deadlines import expired_counts
+from workers.protocol.events import MODEL_COUNTERS, RESEND_REASONS
 from workers.protocol.keys import Keys
 from workers.protocol.liveness import live_workers
-from workers.protocol.queues import QUEUES, queue_depth
+from workers.protocol.model_info import DEFAULT_MODEL_NAME
+from workers.protocol.queues import queue_depth
+from workers.protocol.routing import LANES, queue_name
 
 #: stats field -> (metric name, help, scale)
 _COUNTERS = {
@@ -43,6 +46,33 @@ _COUNTERS = {
 }
 
 
+#: Per-model counter -> (metric name, help); labelled `model` (events.MODEL_COUNTERS).
+_MODEL_COUNTERS = {
+    "docs": ("embedq_model_docs", "Documents embedded, by model"),
+    "tokens": ("embedq_model_tokens", "Real tokens embedded, by model"),
+    "chunks_done": ("embedq_model_chunks_done", "Chunks embedded and stored, by model"),
+    "chunks_failed": ("embedq_model_chunks_failed", "Chunks that failed for good, by model"),
+    "requests": ("embedq_model_requests", "Interactive requests (clients and gateway), by model"),
+}
+assert set(_MODEL_COUNTERS) == set(MODEL_COUNTERS)
+
+
+def read_model_stats(client: redis.Redis, keys: Keys) -> dict[str, dict[str, int]]:
+    """Per-model counters: counter -> model -> count."""
+    raw = cast(dict[bytes, bytes], client.hgetall(keys.model_stats()))
+    found: dict[str, dict[str, int]] = {}
+    for field, value in raw.items():
+        name, _, model = field.decode().partition(":")
+        found.setdefault(name, {})[model] = int(value)
+    return found
+
+
+def fleet_models(client: redis.Redis, keys: Keys, records: list[dict[str, object]]) -> list[str]:
+    """Every model announced by a worker or served by a live one (the default always): whose queues to measure."""
+    announced = {name.decode() for name in cast(list[bytes], client.hkeys(keys.models()))}
+    return sorted({DEFAULT_MODEL_NAME, *announced, *(str(r.get("model")) for r in records if r.get("model"))})
+
+
 def read_stats(client: redis.Redis, keys: Keys) -> dict[str, int]:
     """The fleet counters hash, decoded."""
     raw = cast(dict[bytes, bytes], client.hgetall(keys.stats()))
@@ -59,11 +89,17 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             stats = read_stats(self.client, self.keys)
-            depths = {queue: queue_depth(self.client, self.keys, queue) for queue in QUEUES}
-            alive = float(len(live_workers(self.client, self.keys)))
+            by_model = read_model_stats(self.client, self.keys)
+            records = live_workers(self.client, self.keys)
+            depths = {
+                (lane, model): queue_depth(self.client, self.keys, queue_name(lane, model))
+                for model in fleet_models(self.client, self.keys, records)
+                for lane in LANES
+            }
+            alive = float(len(records))
             up = 1.0
         except (redis.exceptions.RedisError, OSError):
-            stats, depths, up, alive = {}, {}, 0.0, 0.0
+            stats, by_model, depths, up, alive = {}, {}, {}, 0.0, 0.0
         yield GaugeMetricFamily("embedq_broker_up", "1 when the broker answered this scrape", value=up)
         yield GaugeMetricFamily(
             "embedq_workers_alive",
@@ -76,6 +112,14 @@ class FleetCollector(Collector):
         for reason in RESEND_REASONS:
             resent.add_metric([reason], float(stats.get(f"resent_{reason}", 0)))
         yield resent
+        expired = CounterMetricFamily(
+            "embedq_chunks_expired",
+            "Chunks dropped unrun because their request's deadline had passed when a worker picked them up",
+            labels=["model", "lane"],
+        )
+        for model, lane, count in expired_counts(stats):
+            expired.add_metric([model, lane], float(count))
+        yield expired
         for field, (name, help_text, scale) in _COUNTERS.items():
             yield CounterMetricFamily(name, help_text, value=stats.get(field, 0) * scale)
         padded = stats.get("padded_tokens", 0)
@@ -102,9 +146,18 @@ class FleetCollector(Collector):
             "Mean seconds a pool child took to load its model",
             value=stats.get("model_load_ms", 0) / 1000.0 / loads if loads else 0.0,
         )
-        lanes = GaugeMetricFamily("embedq_queue_depth", "Messages waiting per lane", labels=["lane"])
-        for queue, depth in depths.items():
-            lanes.add_metric([queue], float(depth))
+        for counter, (name, help_text) in _MODEL_COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=["model"])
+            for model, count in sorted(by_model.get(counter, {}).items()):
+                family.add_metric([model], float(count))
+            yield family
+        lanes = GaugeMetricFamily(
+            "embedq_queue_depth",
+            "Messages waiting per lane and model (each model has its own queues)",
+            labels=["lane", "model"],
+        )
+        for (lane, model), depth in depths.items():
+            lanes.add_metric([lane, model], float(depth))
         yield lanes
 
 

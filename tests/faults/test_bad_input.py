@@ -21,6 +21,9 @@ from tests.faults.conftest import succeeded, wait_ready, worker_env
 from workers.protocol import events
 from workers.protocol.config import TASK_EMBED_CHUNK
 from workers.protocol.keys import Keys
+from workers.protocol.model_info import model_identity
+from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +135,8 @@ def test_a_task_whose_texts_are_not_strings_fails_once_naming_the_record(
     # given a task sent by some other program, bypassing the producer's validation
     app = sender_app(module_broker.settings())
     job = f"foreign{uuid.uuid4().hex[:8]}"
-    app.send_task(TASK_EMBED_CHUNK, args=[job, 0, ["fine", None, 3], {"results": "redis"}], queue="bulk")
+    bulk = queue_name(BULK, model_identity(str(tiny_bert)))  # the tiny model's own queue (workers/protocol/routing.py)
+    app.send_task(TASK_EMBED_CHUNK, args=[job, 0, ["fine", None, 3], {"results": "redis"}], queue=bulk)
 
     # then the worker reports the chunk failed, naming the record, and does not run it again
     client = module_broker.client()
@@ -145,18 +149,19 @@ def test_a_task_whose_texts_are_not_strings_fails_once_naming_the_record(
 
 
 def test_a_pickled_task_message_is_refused_and_never_executed(
-    module_broker: Broker, module_worker: WorkerProcess
+    module_broker: Broker, module_worker: WorkerProcess, tiny_bert: Path
 ) -> None:
     # given a task message serialised with pickle (which would run code on load), sent straight to the queue
     app = sender_app(module_broker.settings())
     job = f"pickle{uuid.uuid4().hex[:8]}"
     task_id = f"{job}-0-0"
-    app.send_task(TASK_EMBED_CHUNK, args=[job, 0, ["x"], {}], task_id=task_id, queue="bulk", serializer="pickle")
+    bulk = queue_name(BULK, model_identity(str(tiny_bert)))
+    app.send_task(TASK_EMBED_CHUNK, args=[job, 0, ["x"], {}], task_id=task_id, queue=bulk, serializer="pickle")
 
     # then the worker refuses to deserialise it, drops it (no redelivery loop), and never runs the task
     assert wait_until(lambda: "Refusing to deserialize untrusted content of type pickle" in module_worker.log(), 30)
     client = module_broker.client()
-    assert wait_until(lambda: client.llen(f"{module_broker.prefix}:bulk") == 0, 10)
+    assert wait_until(lambda: client.llen(f"{module_broker.prefix}:{bulk}") == 0, 10)
     assert not client.exists(Keys(module_broker.prefix).deliveries(job))
     assert task_id not in module_worker.log().split("Refusing")[0]
     assert succeeded(module_worker.log())[task_id] == 0

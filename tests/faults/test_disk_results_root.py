@@ -18,6 +18,8 @@ from tests.faults.conftest import wait_ready, worker_env
 from workers.protocol.errors import ResultsRefused
 from workers.protocol.keys import Keys
 from workers.protocol.model_info import resolve_model
+from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 from workers.protocol.store import open_store
 
 pytestmark = pytest.mark.slow
@@ -51,8 +53,9 @@ def test_disk_results_outside_the_workers_root_are_refused_in_one_line(
     }
     # when tasks name a folder inside it, one outside it, and one that climbs out of it
     for name, spec in asks.items():
-        send_chunk(app, f"job{name}", 0, ["a text"], {"model": model, "results": spec}, queue="bulk")
-    send_chunk(app, "../../escape", 0, ["a text"], {"model": model, "results": f"disk:{root}"}, queue="bulk")
+        send_chunk(app, f"job{name}", 0, ["a text"], {"model": model, "results": spec}, queue=queue_name(BULK, model))
+    escape = {"model": model, "results": f"disk:{root}"}
+    send_chunk(app, "../../escape", 0, ["a text"], escape, queue=queue_name(BULK, model))
     # then only the one inside is written; the others fail once with the reason, and nothing lands outside
     assert outcome(fault_broker, "jobinside")["type"] == "done"
     assert (root / "shards" / "jobinside" / "chunk-0000000.npy").exists()

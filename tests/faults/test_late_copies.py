@@ -16,6 +16,8 @@ import pytest
 from producer.job.broker import send_chunk, sender_app
 from tests.conftest import Broker, WorkerFactory, wait_until
 from tests.faults.conftest import ProducerFactory, assert_same_output, deliveries, wait_ready, worker_env
+from workers.protocol.queues import BULK
+from workers.protocol.routing import queue_name
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +43,8 @@ def test_a_message_redelivered_after_its_job_finished_is_acked_unrun_and_leaves_
 
     # when a copy of its chunk 0 reaches a worker again (as Redis' redelivery an hour later would)
     app = sender_app(fault_broker.settings())
-    send_chunk(app, job, 0, ["a late copy"], {"model": tiny_bert.name}, queue="bulk", attempt=7)
+    bulk = queue_name(BULK, tiny_bert.name)  # the tiny model's own queue (workers/protocol/routing.py)
+    send_chunk(app, job, 0, ["a late copy"], {"model": tiny_bert.name}, queue=bulk, attempt=7)
 
     # then the worker acks it without running the model: no start is counted, nothing is stored,
     # no event is published, and the output does not change

@@ -36,8 +36,19 @@ class Backend(Protocol):
     #: The runtime's name, as in RUNTIMES.
     name: str
 
-    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pooling: str, dtype: str) -> np.ndarray:
-        """Pooled float32 vectors (rows x dim) of one padded batch, run in `dtype` (fp32, bf16 or fp16)."""
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling: str,
+        dtype: str,
+        pool_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Pooled float32 vectors (rows x dim) of one padded batch, run in `dtype` (fp32, bf16 or fp16).
+
+        `pool_mask`, when given, is the mask pooling uses instead of the attention mask: a prompt's tokens
+        take part in attention but not in the pooled vector (sentence-transformers' `include_prompt=False`).
+        """
         ...
 
 
@@ -93,9 +104,14 @@ def choose_runtime(requested: str, device_type: str, dtype: str) -> str:
 
 
 def pool_numpy(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str) -> np.ndarray:
-    """cls, mean or max pooling of float32 token states (rows x tokens x dim), padding ignored."""
+    """cls, mean or max pooling of float32 token states (rows x tokens x dim), padding ignored.
+
+    cls takes each row's first unmasked token, as sentence-transformers does: the first one, unless a
+    prompt's tokens were masked out of pooling.
+    """
     if pooling == "cls":
-        return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
+        first = attention_mask.argmax(axis=1)
+        return np.ascontiguousarray(hidden[np.arange(hidden.shape[0]), first], dtype=np.float32)
     mask = attention_mask[:, :, None].astype(np.float32)
     if pooling == "mean":
         return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)

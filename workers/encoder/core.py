@@ -17,8 +17,12 @@ import torch
 
 from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder.batching import pack_by_tokens
+from workers.encoder.prompting import cut, pooling_mask, prompt_length
 from workers.encoder.torch_backend import TorchBackend, is_out_of_memory, load_module, resolve_device, resolve_dtype
+from workers.encoder.windows import plan_windows
+from workers.protocol.dimensions import check_dimensions
 from workers.protocol.errors import ConfigError, InputError, ModelError
+from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 from workers.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,11 @@ class EncodeResult:
     truncated: int
     batches: int
     dtype: str
+    #: Under --long chunk-mean / chunks: texts split into windows, the windows they became, and (chunks only)
+    #: the window table of workers/protocol/long_docs.py, one row per embedding row.
+    split: int = 0
+    windows: int = 0
+    window_table: np.ndarray | None = None
 
 
 def _load_backend(runtime: str, info: ModelInfo, threads: int, uses_token_types: bool, cache_dir: str) -> Backend:
@@ -155,13 +164,13 @@ class Encoder:
         input_ids = np.full((rows, longest), self.pad_id, dtype=np.int64)
         self.backend(chosen_dtype).embed(input_ids, np.ones_like(input_ids), "mean", chosen_dtype)
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
-        """Token ids per text (truncated to `max_length`) and how many texts were truncated."""
+    def tokenize(self, texts: Sequence[str], max_length: int, prompt: str = "") -> tuple[list[list[int]], int]:
+        """Token ids per text, `prompt` prepended (truncated to `max_length`), and how many texts were truncated."""
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"record {index}: text must be a string, got {type(text).__name__}")
         # sentence-transformers strips every text before tokenizing; so do we, to match it exactly.
-        stripped = [text.strip() for text in texts]
+        stripped = [(prompt + text).strip() for text in texts]
         with self._tokenizer_lock:
             try:
                 encoded = self.tokenizer(  # type: ignore[operator]
@@ -190,26 +199,66 @@ class Encoder:
         max_length: int | None = None,
         dtype: str = "fp32",
         batch_tokens: int = 2048,
+        long: str = TRUNCATE,
+        prompt: str = "",
+        dimensions: int | None = None,
     ) -> EncodeResult:
-        """Embed `texts` in input order: float32 rows, L2-normalised unless `normalize` is False."""
+        """Embed `texts` in input order: float32 rows, L2-normalised unless `normalize` is False.
+
+        `long` (workers/protocol/long_docs.py) says what becomes of a text over `max_length`: truncated, or
+        split into windows (workers/encoder/windows.py) that are averaged into its row or each give a row.
+        `prompt` is prepended to each text (and left out of pooling when the model's Pooling says
+        include_prompt false); `dimensions` keeps the first N components, before normalising
+        (workers/encoder/prompting.py).
+        """
         if pooling not in ("cls", "mean", "max"):
             raise ConfigError(f"pooling {pooling!r}: choose cls, mean or max")
+        if long not in LONG_POLICIES:
+            raise ConfigError(f"long {long!r}: choose one of {', '.join(LONG_POLICIES)}")
+        if long != TRUNCATE and prompt:
+            # Windows are cut from the text's own tokens; where a prompt would go in each is not settled yet.
+            raise ConfigError(f"long {long!r} with a prompt: not supported; use --long truncate or --prompt ''")
+        check_dimensions(dimensions, self.dim, self.info.name)
         chosen_dtype = resolve_dtype(dtype, self.device)
         backend = self.backend(chosen_dtype)
-        ids, truncated = self.tokenize(texts, max_length or self.info.max_length)
+        limit = max_length or self.info.max_length
+        ids, truncated = self.tokenize(texts, limit, prompt)
+        skip = 0
+        if prompt and not self.info.include_prompt:
+            with self._tokenizer_lock:
+                skip = prompt_length(self.tokenizer, prompt, limit)
+        plan = None
+        if long != TRUNCATE:
+            plan = plan_windows(self, texts, ids, limit)
+            ids, truncated = plan.rows, 0
         lengths = [len(row) for row in ids]
         output = np.empty((len(ids), self.dim), dtype=np.float32)
         padded = 0
         batches = pack_by_tokens(lengths, batch_tokens)
         for batch in batches:
-            padded += self._run_batch(backend, ids, batch, output, pooling, chosen_dtype)
-        if normalize and len(ids):
+            padded += self._run_batch(backend, ids, batch, output, pooling, chosen_dtype, skip)
+        if plan is not None:
+            output = plan.combine(output, long)
+        output = cut(output, dimensions)
+        if normalize and len(output):
             # As torch.nn.functional.normalize: divide by the norm, never by less than 1e-12.
             output /= np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-        return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype)
+        if plan is None:
+            return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype)
+        table = plan.table if long == CHUNKS else None
+        return EncodeResult(
+            output, sum(lengths), padded, truncated, len(batches), chosen_dtype, plan.split, plan.windows, table
+        )
 
     def _run_batch(
-        self, backend: Backend, ids: list[list[int]], batch: list[int], output: np.ndarray, pooling: str, dtype: str
+        self,
+        backend: Backend,
+        ids: list[list[int]],
+        batch: list[int],
+        output: np.ndarray,
+        pooling: str,
+        dtype: str,
+        skip: int = 0,
     ) -> int:
         """Embed one batch into `output`; on GPU out-of-memory, split it in halves and retry."""
         rows = [ids[i] for i in batch]
@@ -222,7 +271,7 @@ class Encoder:
         try:
             if self.forward_hook is not None:
                 self.forward_hook(input_ids)
-            output[batch] = backend.embed(input_ids, mask, pooling, dtype)
+            output[batch] = backend.embed(input_ids, mask, pooling, dtype, pooling_mask(mask, skip))
         except (RuntimeError, MemoryError) as error:
             if not is_out_of_memory(error) or len(batch) == 1:
                 raise
@@ -230,7 +279,7 @@ class Encoder:
                 backend.release_cache()
             half = len(batch) // 2
             log.warning("out of memory on a batch of %d rows; retrying as two batches", len(batch))
-            return self._run_batch(backend, ids, batch[:half], output, pooling, dtype) + self._run_batch(
-                backend, ids, batch[half:], output, pooling, dtype
+            return self._run_batch(backend, ids, batch[:half], output, pooling, dtype, skip) + self._run_batch(
+                backend, ids, batch[half:], output, pooling, dtype, skip
             )
         return len(batch) * longest

@@ -66,9 +66,16 @@ class OnnxRuntimeBackend:
         session = ort.InferenceSession(str(folder / _ONNX), session_options, providers=["CPUExecutionProvider"])
         return cls(session, uses_token_types)
 
-    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pooling: str, dtype: str) -> np.ndarray:
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling: str,
+        dtype: str,
+        pool_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_token_types:
             inputs["token_type_ids"] = np.zeros_like(input_ids)
         (hidden,) = self._session.run(["last_hidden_state"], inputs)
-        return pool_numpy(hidden, attention_mask, pooling)
+        return pool_numpy(hidden, attention_mask if pool_mask is None else pool_mask, pooling)

@@ -90,11 +90,20 @@ class OpenVinoBackend:
                 requests[dtype] = self._compiled[dtype].create_infer_request()
         return requests[dtype]
 
-    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pooling: str, dtype: str) -> np.ndarray:
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling: str,
+        dtype: str,
+        pool_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_token_types:
             inputs["token_type_ids"] = np.zeros_like(input_ids)
         request = self._request(dtype)
         hidden = request.infer(inputs)[0]
         # The output tensor is the request's own memory, reused by its next call: pool it before returning.
-        return pool_numpy(np.asarray(hidden, dtype=np.float32), attention_mask, pooling)
+        return pool_numpy(
+            np.asarray(hidden, dtype=np.float32), attention_mask if pool_mask is None else pool_mask, pooling
+        )

@@ -70,7 +70,14 @@ class TorchBackend:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_TORCH_DTYPES[dtype])
 
-    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pooling: str, dtype: str) -> np.ndarray:
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling: str,
+        dtype: str,
+        pool_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
         inputs = {
             "input_ids": torch.from_numpy(input_ids).to(self.device),
             "attention_mask": torch.from_numpy(attention_mask).to(self.device),
@@ -81,9 +88,11 @@ class TorchBackend:
             hidden = self.model(**inputs).last_hidden_state
         # Pooling in fp32 whatever the forward ran in.
         hidden = hidden.float()
-        attention = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooling_mask = inputs["attention_mask"] if pool_mask is None else torch.from_numpy(pool_mask).to(self.device)
+        attention = pooling_mask.unsqueeze(-1).to(hidden.dtype)
         if pooling == "cls":
-            pooled = hidden[:, 0]
+            # The first token pooling may use (not the first one when a prompt is left out), as sentence-transformers.
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), pooling_mask.argmax(1)]
         elif pooling == "mean":
             pooled = (hidden * attention).sum(1) / attention.sum(1).clamp(min=1e-9)
         else:

@@ -14,7 +14,8 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from workers.protocol.errors import ConfigError
-from workers.protocol.queues import BULK, QUEUES
+from workers.protocol.queues import QUEUES
+from workers.protocol.routing import worker_queues
 
 __all__ = ["DTYPES", "POOLINGS", "QUEUES", "TASK_EMBED_CHUNK", "Settings", "celery_config"]
 
@@ -205,6 +206,9 @@ def keepalive_options(timeout_s: float) -> dict[int, int]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for embedq; see ARCHITECTURE.md for why each delivery setting is what it is."""
+    # The queues of the model these settings name (workers/protocol/routing.py): a worker started without -Q
+    # consumes exactly these, so it only ever receives chunks for its own model.
+    queues = worker_queues(settings.model)
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
@@ -234,9 +238,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        "task_default_queue": BULK,
+        "task_default_queue": queues[-1],
         # Declared in priority order: a worker polls `interactive` before `bulk`.
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in queues],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,

@@ -30,6 +30,15 @@ class ModelMismatch(EmbedqError):
     """Raised when a task asks for a model other than the one this worker serves."""
 
 
+class ModelNotServed(ConfigError):
+    """Raised when a request or job names a model that no live worker of the fleet serves (HTTP 404, exit 2)."""
+
+    def __init__(self, message: str, *, model: str = "", served: list[str] | None = None) -> None:
+        self.model = model
+        self.served = list(served or [])
+        super().__init__(message)
+
+
 class InputError(EmbedqError):
     """Raised when an input record is invalid (not JSON, no text, not a string, bad encoding)."""
 

@@ -85,13 +85,27 @@ def parse(raw: bytes | str) -> ChunkEvent:
     return event  # type: ignore[no-any-return]
 
 
-def publish(client: redis.Redis, keys: Keys, job: str, event: ChunkEvent, stats: dict[str, int] | None = None) -> None:
-    """Append `event` to the job's list, and add `stats` to the fleet counters, in one round trip."""
+#: Fleet counters also kept per model (`Keys.model_stats()`, field `counter:model`), for /metrics' model label.
+MODEL_COUNTERS = ("docs", "tokens", "chunks_done", "chunks_failed", "requests")
+
+
+def publish(
+    client: redis.Redis,
+    keys: Keys,
+    job: str,
+    event: ChunkEvent,
+    stats: dict[str, int] | None = None,
+    *,
+    model: str = "",
+) -> None:
+    """Append `event` to the job's list, and add `stats` to the fleet counters (and `model`'s), in one round trip."""
     with client.pipeline(transaction=True) as pipe:
         pipe.rpush(keys.events(job), json.dumps(event, separators=(",", ":")))
         pipe.expire(keys.events(job), EVENTS_TTL_S)
         for name, amount in (stats or {}).items():
             pipe.hincrby(keys.stats(), name, amount)
+            if model and name in MODEL_COUNTERS:
+                pipe.hincrby(keys.model_stats(), f"{name}:{model}", amount)
         pipe.execute()
 
 

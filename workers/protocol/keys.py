@@ -8,6 +8,11 @@ import redis
 
 from workers.protocol.errors import BrokerUnavailable
 
+#: The `state` field of a job record (`Keys.job`): written by the producer (producer/job/record.py), read by
+#: workers, which drop any copy of a chunk whose job has ENDED (workers/tasks.py `settled`).
+JOB_RUNNING, JOB_DONE, JOB_FAILED = "running", "done", "failed"
+JOB_ENDED = (JOB_DONE, JOB_FAILED)
+
 
 class Keys:
     """Every Redis key embedq writes, under one prefix so that tests and tenants never collide."""
@@ -62,6 +67,14 @@ class Keys:
     def workers(self) -> str:
         """SCAN pattern of every live worker's key."""
         return f"{self.prefix}:worker:*"
+
+    def fleet(self) -> str:
+        """Set of the hostnames whose worker keys may be alive: readers look up only these, never SCAN."""
+        return f"{self.prefix}:fleet"
+
+    def model_stats(self) -> str:
+        """Hash `counter:model` -> count (docs, chunks, requests per model), for /metrics."""
+        return f"{self.prefix}:stats:models"
 
     def models(self) -> str:
         """Hash model name -> JSON of the model a worker serves (pooling, length, dim), for light producers."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.protocol.errors import ConfigError, ModelError, ModelNotInstalled
+from workers.protocol.prompts import ST_CONFIG, read_prompts
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -38,6 +39,11 @@ class ModelInfo:
     pooling: str
     max_length: int
     dim: int
+    #: sentence-transformers prompts (name -> text) and the one applied when a request names none.
+    prompts: dict[str, str] = field(default_factory=dict, hash=False)
+    default_prompt_name: str | None = None
+    #: False: the Pooling module leaves the prompt's tokens out of the pooled vector.
+    include_prompt: bool = True
 
 
 def _read_json(path: Path) -> dict[str, object]:
@@ -50,7 +56,8 @@ def _read_json(path: Path) -> dict[str, object]:
     return data
 
 
-def _pooling_from_sentence_transformers(folder: Path) -> str | None:
+def _pooling_config(folder: Path) -> tuple[Path, dict[str, object]] | None:
+    """(path, contents) of the folder's sentence-transformers Pooling config, or None without one."""
     modules = folder / "modules.json"
     pooling_dir = folder / "1_Pooling"
     if modules.exists():
@@ -60,15 +67,34 @@ def _pooling_from_sentence_transformers(folder: Path) -> str | None:
     config_path = pooling_dir / "config.json"
     if not config_path.exists():
         return None
-    config = _read_json(config_path)
-    for key, mode in (
+    return config_path, _read_json(config_path)
+
+
+def _pooling_from_sentence_transformers(folder: Path) -> str | None:
+    found = _pooling_config(folder)
+    if found is None:
+        return None
+    config_path, config = found
+    # sentence-transformers >= 5 writes one `pooling_mode` (a name, or a list of names to concatenate).
+    mode = config.get("pooling_mode")
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if mode in ("cls", "mean", "max"):
+        return str(mode)
+    for key, legacy in (
         ("pooling_mode_cls_token", "cls"),
         ("pooling_mode_mean_tokens", "mean"),
         ("pooling_mode_max_tokens", "max"),
     ):
         if config.get(key):
-            return mode
+            return legacy
     raise ModelError(f"{config_path}: no pooling mode embedq supports (cls, mean or max) is enabled")
+
+
+def _include_prompt(folder: Path) -> bool:
+    """The Pooling module's `include_prompt` (True, sentence-transformers' default, without one)."""
+    found = _pooling_config(folder)
+    return True if found is None else bool(found[1].get("include_prompt", True))
 
 
 def _hub_offline() -> bool:
@@ -144,6 +170,7 @@ def _hub_folder(name: str) -> Path:
     folder = config.parent
     modules = fetch("modules.json", required=False, local_only=local_only)
     fetch("sentence_bert_config.json", required=False, local_only=local_only)
+    fetch(ST_CONFIG, required=False, local_only=local_only)
     pooling_dir = "1_Pooling"
     if modules is not None:
         for module in json.loads(modules.read_text(encoding="utf-8")):
@@ -176,11 +203,38 @@ def _describe_folder(folder: Path, pooling: str, max_length: int | None) -> tupl
     if limit is None:
         st_config = folder / "sentence_bert_config.json"
         limit = positions
-        if st_config.exists():
-            limit = int(_read_json(st_config).get("max_seq_length") or positions)  # type: ignore[arg-type]
+        saved = _read_json(st_config).get("max_seq_length") if st_config.exists() else None
+        tokenizer_config = folder / "tokenizer_config.json"
+        if saved:
+            limit = int(saved)  # type: ignore[call-overload]
+        elif st_config.exists() and tokenizer_config.exists():
+            # sentence-transformers >= 5 keeps the limit as the tokenizer's model_max_length, capped at the positions.
+            saved = _read_json(tokenizer_config).get("model_max_length")
+            if isinstance(saved, (int, float)) and 2 <= saved < positions:
+                limit = int(saved)
     if not 2 <= limit <= positions:
         raise ConfigError(f"--max-length {limit}: must be between 2 and the model's {positions} positions")
     return chosen_pooling, limit, dim
+
+
+def model_identity(name: str = "") -> str:
+    """The name the fleet knows model `name` by, without reading it: what workers announce, route and list.
+
+    The packaged default (empty, or its own folder) is DEFAULT_MODEL_NAME; a local folder is its folder's
+    name (workers on other machines keep it under other paths); anything else (a hub name, or a name
+    the fleet serves) is itself.
+    """
+    if not name:
+        return DEFAULT_MODEL_NAME
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return name.rstrip("/") or name
+    try:
+        if folder.resolve() == default_model_path().resolve():
+            return DEFAULT_MODEL_NAME
+    except ModelNotInstalled:  # a light install: whatever this folder is, it is not the packaged one
+        pass
+    return folder.resolve().name
 
 
 def resolve_model(name: str = "", *, pooling: str = "auto", max_length: int | None = None) -> ModelInfo:
@@ -196,14 +250,24 @@ def resolve_model(name: str = "", *, pooling: str = "auto", max_length: int | No
         looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
         if looks_like_path or not name:
             raise ModelError(f"model {name!r}: no such folder; pass a local Hugging Face model folder")
-        chosen_pooling, limit, dim = _describe_folder(_hub_folder(name), pooling, max_length)
-        return ModelInfo(name, name, False, chosen_pooling, limit, dim)
+        hub_folder = _hub_folder(name)
+        chosen_pooling, limit, dim = _describe_folder(hub_folder, pooling, max_length)
+        prompts, default_prompt = read_prompts(hub_folder)
+        return ModelInfo(
+            name, name, False, chosen_pooling, limit, dim, prompts, default_prompt, _include_prompt(hub_folder)
+        )
 
     chosen_pooling, limit, dim = _describe_folder(folder, pooling, max_length)
+    prompts, default_prompt = read_prompts(folder)
     # Workers on other machines keep the same model under other paths: the folder's name identifies it.
-    try:
-        is_default = folder.resolve() == default_model_path().resolve()
-    except ModelNotInstalled:  # a light install: whatever this folder is, it is not the packaged one
-        is_default = False
-    identity = DEFAULT_MODEL_NAME if is_default else folder.resolve().name
-    return ModelInfo(identity, str(folder.resolve()), True, chosen_pooling, limit, dim)
+    return ModelInfo(
+        model_identity(str(folder)),
+        str(folder.resolve()),
+        True,
+        chosen_pooling,
+        limit,
+        dim,
+        prompts,
+        default_prompt,
+        _include_prompt(folder),
+    )

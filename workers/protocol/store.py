@@ -1,7 +1,8 @@
 """Where chunk embeddings wait for the producer: raw float32 bytes in Redis with a TTL, or .npy files.
 
 Both stores share one interface and one contract test (tests/test_store_contract.py). Writes are
-idempotent, keyed by (job, chunk): a chunk computed twice is stored once.
+idempotent, keyed by (job, chunk): a chunk computed twice is stored once. Under `--long chunks` a chunk's
+matrix has one row per window, and its window table (workers/protocol/long_docs.py) is stored with it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,29 @@ from workers.protocol.errors import ConfigError, ResultsRefused
 from workers.protocol.keys import Keys, connect
 
 
+@dataclass(frozen=True)
+class StoredChunk:
+    """One chunk's result: its float32 matrix and, when one was stored, its int32 window table."""
+
+    array: np.ndarray
+    windows: np.ndarray | None = None
+
+
 class ResultStore(ABC):
-    """Put, get and delete one float32 matrix per (job, chunk)."""
+    """Put, get and delete one float32 matrix (and an optional window table) per (job, chunk)."""
 
     @abstractmethod
-    def put(self, job: str, chunk: int, array: np.ndarray) -> None:
-        """Store `array` for (job, chunk), replacing whatever was there."""
+    def put(self, job: str, chunk: int, array: np.ndarray, windows: np.ndarray | None = None) -> None:
+        """Store `array` for (job, chunk), with its window table if given (one row per row of `array`),
+        replacing whatever was there; matrix and table are seen together or not at all."""
 
     @abstractmethod
     def get(self, job: str, chunk: int) -> np.ndarray | None:
         """The stored matrix, or None when there is none (never stored, deleted or expired)."""
+
+    @abstractmethod
+    def get_chunk(self, job: str, chunk: int) -> StoredChunk | None:
+        """The stored matrix with its window table (None when stored without), or None when there is none."""
 
     @abstractmethod
     def delete(self, job: str, chunk: int) -> None:
@@ -50,6 +65,16 @@ def decode_result(fields: Mapping[Any, Any]) -> np.ndarray | None:
     return np.frombuffer(fields[b"data"], dtype="<f4").reshape(rows, dim)
 
 
+def decode_chunk(fields: Mapping[Any, Any]) -> StoredChunk | None:
+    """`decode_result` with the window table, when the hash holds one."""
+    array = decode_result(fields)
+    if array is None:
+        return None
+    table = fields.get(b"windows")
+    windows = None if table is None else np.frombuffer(table, dtype="<i4").reshape(array.shape[0], -1)
+    return StoredChunk(array, windows)
+
+
 class RedisStore(ResultStore):
     """A hash per chunk: rows, dim and the raw little-endian float32 bytes, expiring after `ttl_s`."""
 
@@ -58,17 +83,24 @@ class RedisStore(ResultStore):
         self.keys = keys
         self.ttl_s = ttl_s
 
-    def put(self, job: str, chunk: int, array: np.ndarray) -> None:
+    def put(self, job: str, chunk: int, array: np.ndarray, windows: np.ndarray | None = None) -> None:
         data = np.ascontiguousarray(array, dtype="<f4")
         key = self.keys.result(job, chunk)
-        with self.client.pipeline(transaction=True) as pipe:
+        table = None if windows is None else _window_table(windows, data.shape[0]).tobytes()
+        with self.client.pipeline(transaction=True) as pipe:  # one MULTI: matrix and table are seen together
+            pipe.delete(key)  # a put replaces the whole hash, a window table included
             pipe.hset(key, mapping={"rows": data.shape[0], "dim": data.shape[1], "data": data.tobytes()})
+            if table is not None:
+                pipe.hset(key, "windows", table)
             pipe.expire(key, self.ttl_s)
             pipe.execute()
 
     def get(self, job: str, chunk: int) -> np.ndarray | None:
         # A client made with decode_responses would hand back str and corrupt the bytes: insist on bytes.
         return decode_result(self.client.hgetall(self.keys.result(job, chunk)))  # type: ignore[arg-type]
+
+    def get_chunk(self, job: str, chunk: int) -> StoredChunk | None:
+        return decode_chunk(self.client.hgetall(self.keys.result(job, chunk)))  # type: ignore[arg-type]
 
     def delete(self, job: str, chunk: int) -> None:
         self.client.delete(self.keys.result(job, chunk))
@@ -94,17 +126,31 @@ class DiskStore(ResultStore):
             raise ResultsRefused(f"job id {job[:80]!r} is not a plain name ([A-Za-z0-9_.-], not starting with '.')")
         return self.root / job / f"chunk-{int(chunk):07d}.npy"
 
-    def put(self, job: str, chunk: int, array: np.ndarray) -> None:
-        path = self._path(job, chunk)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def _table_path(path: Path) -> Path:
+        return path.with_name(path.stem + ".windows.npy")
+
+    @staticmethod
+    def _save(path: Path, array: np.ndarray) -> None:
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(array, dtype="<f4"))
+                np.save(handle, array)
             os.replace(temp, path)
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+    def put(self, job: str, chunk: int, array: np.ndarray, windows: np.ndarray | None = None) -> None:
+        path = self._path(job, chunk)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = np.ascontiguousarray(array, dtype="<f4")
+        # The table goes first: the matrix file is what says that a result is there.
+        if windows is not None:
+            self._save(self._table_path(path), _window_table(windows, data.shape[0]))
+        else:
+            self._table_path(path).unlink(missing_ok=True)
+        self._save(path, data)
 
     def get(self, job: str, chunk: int) -> np.ndarray | None:
         try:
@@ -112,11 +158,31 @@ class DiskStore(ResultStore):
         except FileNotFoundError:
             return None
 
+    def get_chunk(self, job: str, chunk: int) -> StoredChunk | None:
+        array = self.get(job, chunk)
+        if array is None:
+            return None
+        try:
+            windows = np.load(self._table_path(self._path(job, chunk)), allow_pickle=False)
+        except FileNotFoundError:
+            windows = None
+        return StoredChunk(array, windows)
+
     def delete(self, job: str, chunk: int) -> None:
-        self._path(job, chunk).unlink(missing_ok=True)
+        path = self._path(job, chunk)
+        path.unlink(missing_ok=True)
+        self._table_path(path).unlink(missing_ok=True)
 
     def delete_job(self, job: str) -> None:
         shutil.rmtree(self.root / job, ignore_errors=True)
+
+
+def _window_table(windows: np.ndarray, rows: int) -> np.ndarray:
+    """`windows` as contiguous little-endian int32, one row per matrix row (ValueError otherwise)."""
+    table = np.ascontiguousarray(windows, dtype="<i4")
+    if table.ndim != 2 or table.shape[0] != rows:
+        raise ValueError(f"window table of shape {table.shape}: expected one row per each of the {rows} rows")
+    return table
 
 
 def parse_store_spec(spec: str) -> tuple[str, str]:
