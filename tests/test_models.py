@@ -223,3 +223,46 @@ def test_the_cli_worker_flag_maps_lanes_to_its_models_queues(models: dict[str, P
     default_args = build_parser().parse_args(["worker"])
     default_command, _, _ = worker_argv(default_args, Settings())
     assert default_command[default_command.index("-n") + 1] == "embedq@%h"
+
+
+def test_a_gateway_client_built_while_its_workers_load_learns_the_model_once_announced(broker: Broker) -> None:
+    from producer.serve.model_clients import ModelClients
+    from workers.protocol import model_registry
+    from workers.protocol.config import Settings
+    from workers.protocol.keys import connect
+    from workers.protocol.liveness import WorkerBeacon
+    from workers.protocol.model_info import ModelInfo
+
+    # given a live worker of model "late" whose child has not loaded (and so not announced) the model yet
+    settings = Settings.from_env({}).replace(broker_url=broker.url, key_prefix=broker.prefix)
+    keys = Keys(broker.prefix)
+    redis_client = connect(broker.url)
+    info = {"queues": [queue_name("interactive", "late"), queue_name("bulk", "late")], "model": "late"}
+    beacon = WorkerBeacon(redis_client, keys, "late-worker@test", info, 30.0).start()
+
+    def make(model: str | None = None) -> AsyncEmbedClient:
+        return AsyncEmbedClient(settings=settings.replace(model=model) if model else settings)
+
+    async def scenario() -> None:
+        clients = ModelClients(make(), make)
+        try:
+            # when the gateway builds its client for "late" now, it knows only the name
+            entry = await clients.pick("late")
+            assert entry.client.model.pooling == "" and entry.client.dim == 0
+            # and then the child announces the model, with a prompt
+            late = ModelInfo("late", "/elsewhere/late", True, "mean", 48, 32, {"query": "query: "}, "query", True)
+            with redis_client.pipeline() as pipe:
+                model_registry.announce(pipe, keys, late)
+                pipe.execute()
+            # then the next request's options are checked against what was announced
+            again = await clients.pick("late")
+            assert again.client.check_options(prompt_name="query")["prompt"] == "query: "
+            assert again.client.model.pooling == "mean" and again.client.dim == 32
+        finally:
+            await clients.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        beacon.stop()
+        redis_client.close()

@@ -147,3 +147,12 @@ def test_every_key_is_under_the_prefix_and_no_two_kinds_collide() -> None:
     ]
     assert all(name.startswith("p:") for name in names)
     assert len({name.split(":")[1] for name in names}) == len(names)  # one second segment per kind
+
+
+def test_a_messages_lane_is_read_from_before_the_model_suffix() -> None:
+    from workers.protocol.deadlines import lane_of
+
+    # a model whose name contains "interactive", on the bulk lane, is counted on the bulk lane
+    assert lane_of("bulk.interactive-search") == "bulk"
+    assert lane_of("interactive.mini-32") == "interactive" and lane_of("interactive") == "interactive"
+    assert lane_of(None) == "bulk"

@@ -172,3 +172,21 @@ def test_a_parquet_file_without_the_text_column_names_it_and_the_columns_there(t
     with pytest.raises(InputError) as caught:
         list(read_records(str(path), text_field="body"))
     assert str(caught.value) == f"{path}: no column 'body' (columns: id, text); pass --text-field"
+
+
+def test_a_damaged_parquet_page_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    # given a Parquet file whose third row group has a damaged page header
+    path = tmp_path / "damaged.parquet"
+    rows = 3000
+    table = pa.table({"text": [f"text number {i}" for i in range(rows)], "id": [str(i) for i in range(rows)]})
+    pq.write_table(table, path, row_group_size=1000, compression="NONE")
+    page = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[page : page + 16] = b"\x0f" * 16
+    path.write_bytes(bytes(raw))
+    # when it is read, then the error is an InputError of one printable line naming the file
+    with pytest.raises(InputError) as caught:
+        list(read_records(str(path)))
+    message = str(caught.value)
+    assert str(path) in message and "unreadable Parquet data" in message
+    assert message.isprintable(), repr(message)

@@ -335,7 +335,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
     check_output(
         args.output,
-        rows_hint=count_lines(args.input) or 0,
+        rows_hint=count_lines(args.input, args.input_format) or 0,
         dim=vectors["dimensions"] or model.dim,
         precision=args.precision,
     )

@@ -43,6 +43,8 @@ def parquet_rows(path: str, text_field: str, id_field: str, *, batch_rows: int =
     The id is None when `id_field` is not a column; a missing text column is one InputError naming
     the columns there are.
     """
+    import pyarrow as pa
+
     parquet = _open(path)
     try:
         names = list(parquet.schema_arrow.names)
@@ -51,7 +53,17 @@ def parquet_rows(path: str, text_field: str, id_field: str, *, batch_rows: int =
         has_id = id_field in names and id_field != text_field
         columns = [text_field, id_field] if has_id else [text_field]
         row = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+        batches = parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as error:
+                # A damaged page: pyarrow's own text spans lines and names neither the file nor the row.
+                printable = "".join(c if c.isprintable() else " " for c in str(error))
+                detail = " ".join(printable.split()) or type(error).__name__
+                raise InputError(f"unreadable Parquet data after row {row} ({detail[:200]})", source=path) from None
+            if batch is None:
+                break
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if has_id else [None] * len(texts)
             for text, record_id in zip(texts, ids, strict=True):

@@ -200,11 +200,11 @@ def read_records(
             stream.close()
 
 
-def count_lines(path: str) -> int | None:
-    """Lines in a regular file, for the progress bar's ETA; None for stdin (unknown)."""
+def count_lines(path: str, fmt: str = "auto") -> int | None:
+    """Lines (Parquet: rows) in a regular file, for the progress bar's ETA; None for stdin (unknown)."""
     if path == "-" or not os.path.isfile(path):
         return None
-    if path.lower().endswith(".parquet"):
+    if detect_format(path, fmt) == "parquet":
         from producer.job.parquet_input import count_rows
 
         return count_rows(path)

@@ -98,7 +98,7 @@ class Job:
             queue_depth=lambda: queue_depth(self.redis, self.keys, options.queue),
         )
         self.pending = self.dispatcher.pending
-        self.total_hint = count_lines(input_path)
+        self.total_hint = count_lines(input_path, options.input_format)
         self.plan = ChunkPlan(options.chunk_rows, self.total_hint, options.tail_split, options.min_chunk_rows)
         self.progress = Progress(self.total_hint, enabled=progress)
 

@@ -78,7 +78,9 @@ class JobOptions:
         if self.long != TRUNCATE:  # absent under truncate, so that such jobs keep the ids they always had
             options["long"] = self.long
         # Sent only when asked for, so that the ids of jobs that use neither stay what they were (they resume).
-        if self.prompt or self.model.default_prompt_name is not None:
+        # Always under --long windows: a worker whose folder has a default prompt would otherwise apply it, and
+        # windows take no prompt.
+        if self.prompt or self.model.default_prompt_name is not None or self.long != TRUNCATE:
             options["prompt"] = self.prompt
         if self.dimensions:
             options["dimensions"] = self.dimensions

@@ -19,13 +19,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from producer.job.output import HEADER_BYTES, ChunkRecord, PartialOutput
+from producer.job.output import BLOCK_BYTES, HEADER_BYTES, ChunkRecord, PartialOutput
 from workers.protocol.long_docs import CHUNKS, TRUNCATE, WINDOW_COLUMNS
 
 #: Bytes of one window-table row: four int32.
 TABLE_ROW_BYTES = 4 * len(WINDOW_COLUMNS)
-#: Rows per Parquet write (and row group).
-_BLOCK_ROWS = 65536
 
 
 def open_partial(output: str, dim: int, job_id: str, long: str = TRUNCATE, precision: str = "float32") -> PartialOutput:
@@ -142,18 +140,26 @@ class WindowOutput(PartialOutput):
             ]
         )
         width = len(WINDOW_COLUMNS)
-        matrix: np.ndarray
-        table: np.ndarray
-        if self._end:
-            matrix = np.memmap(self.data_path, dtype="<f4", mode="r", offset=HEADER_BYTES, shape=(self._end, self.dim))
-            table = np.memmap(self.windows_path, dtype="<i4", mode="r", shape=(self._end, width))
-        else:  # numpy cannot map an empty file
-            matrix, table = np.empty((0, self.dim), "<f4"), np.empty((0, width), "<i4")
+        # Rows per Parquet write: about BLOCK_BYTES of float32, as producer/job/output.py writes.
+        block_rows = max(1, BLOCK_BYTES // (self.dim * 4))
         temp = Path(str(self.output) + ".tmp")
         ids = self._ids_iter()
         pending: list[tuple[list[str], np.ndarray, np.ndarray]] = []
         pending_rows = next_document = 0
-        with pq.ParquetWriter(temp, schema) as writer:
+        # Plain reads at each chunk's offset, never a memory map: mapped pages stay in the producer's RSS once
+        # touched, so a large job would end up holding its whole matrix (see PartialOutput._float_blocks).
+        with (
+            pq.ParquetWriter(temp, schema) as writer,
+            open(self.data_path, "rb") as data,
+            open(self.windows_path, "rb") as windows_file,
+        ):
+
+            def read_rows(handle: IO[bytes], offset: int, count: int, dtype: str, columns: int) -> np.ndarray:
+                handle.seek(offset)
+                block = np.fromfile(handle, dtype=dtype, count=count * columns)
+                if block.size != count * columns:
+                    raise ValueError(f"{handle.name}: expected {count} more rows at byte {offset}, the file is shorter")
+                return block.reshape(count, columns)
 
             def flush() -> None:
                 if not pending:
@@ -161,12 +167,12 @@ class WindowOutput(PartialOutput):
                 names = [name for block_ids, _, _ in pending for name in block_ids]
                 windows = np.concatenate([block for _, block, _ in pending])
                 vectors = np.concatenate([block for _, _, block in pending])
+                pending.clear()
                 columns = [pa.array(names, pa.string())]
                 columns += [pa.array(windows[:, i], pa.int32()) for i in range(1, len(WINDOW_COLUMNS))]
                 values = pa.array(vectors.reshape(-1), type=pa.float32())
                 columns.append(pa.FixedSizeListArray.from_arrays(values, self.dim))
                 writer.write_table(pa.Table.from_arrays(columns, schema=schema))
-                pending.clear()
 
             for chunk in sorted(self.finished):
                 record = self.finished[chunk]
@@ -175,14 +181,14 @@ class WindowOutput(PartialOutput):
                 next_document += record.rows
                 chunk_ids = [next(ids) for _ in range(record.rows)]
                 at, count = self.offsets[chunk], self.rows_of(record)
-                block = np.asarray(table[at : at + count])
-                pending.append(([chunk_ids[d] for d in block[:, 0]], block, np.asarray(matrix[at : at + count])))
+                block = read_rows(windows_file, at * TABLE_ROW_BYTES, count, "<i4", width)
+                vectors = read_rows(data, HEADER_BYTES + at * self.dim * 4, count, "<f4", self.dim)
+                pending.append(([chunk_ids[d] for d in block[:, 0]], block, vectors))
                 pending_rows += count
-                if pending_rows >= _BLOCK_ROWS:
+                if pending_rows >= block_rows:
                     flush()
                     pending_rows = 0
             flush()
-        del matrix, table
         if next_document != rows:
             temp.unlink(missing_ok=True)
             raise ValueError(f"the finished chunks cover {next_document} documents, expected {rows}")

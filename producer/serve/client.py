@@ -133,21 +133,38 @@ class _Core:
         changes = {k: v for k, v in (("broker_url", broker_url), ("key_prefix", key_prefix), ("model", model)) if v}
         self.settings = base.replace(**changes) if changes else base
         self.keys = Keys(self.settings.key_prefix)
-        self.model = served_model(self.settings)
+        self.normalize = normalize
+        self.use_cache = cache
+        self.cache_ttl_s = cache_ttl_s
+        self._describe(served_model(self.settings))
         #: This model's interactive queue: only its workers take the request's chunks (workers/protocol/routing.py).
         self.queue = queue_name(INTERACTIVE, self.model.name)
         #: Which models live workers serve on the interactive lane: a request for another fails at once.
         self.served = ServedView(self.keys, INTERACTIVE)
-        self.dim = self.model.dim
         self.chunk_rows = max(1, chunk_rows)
-        self.options: dict[str, Any] = {"model": self.model.name, "normalize": normalize, "results": "redis"}
-        if self.model.pooling:
-            self.options.update(pooling=self.model.pooling, max_length=self.model.max_length)
-        self.cache = EmbeddingCache(self.keys, self.model.name, self.options, cache_ttl_s) if cache else None
-        self.cache_ttl_s = cache_ttl_s
+        self._next_describe_s = 0.0
         self.app = sender_app(self.settings)
         self.requests = 0
         self.texts = 0
+
+    def _describe(self, model: ModelInfo) -> None:
+        """Take `model` as what this client serves: width, pooling and length in every task, the cache namespace."""
+        self.model = model
+        self.dim = model.dim
+        self.options: dict[str, Any] = {"model": model.name, "normalize": self.normalize, "results": "redis"}
+        if model.pooling:
+            self.options.update(pooling=model.pooling, max_length=model.max_length)
+        self.cache = EmbeddingCache(self.keys, model.name, self.options, self.cache_ttl_s) if self.use_cache else None
+
+    def describe_again(self) -> None:
+        """A client built before any worker announced its model (one was still loading) knows only its name:
+        read the announcement again, at most once a second, so its prompts and width become known."""
+        if self.model.pooling or time.monotonic() < self._next_describe_s:
+            return
+        self._next_describe_s = time.monotonic() + 1.0
+        model = served_model(self.settings)
+        if model.pooling:
+            self._describe(model)
 
     def plan(self, texts: Any, extra: dict[str, Any] | None = None) -> _Request:
         valid = validate_texts(texts)
@@ -322,6 +339,7 @@ class _ClientBase:
     ) -> dict[str, Any]:
         """The task options a request with these arguments would send (its resolved prompt text and
         dimensions); UnknownPrompt or DimensionsUnsupported (both ConfigError) now, before anything is sent."""
+        self._core.describe_again()
         return request_options(self._core.model, self._core.dim, prompt_name, prompt, dimensions)
 
     @property

@@ -40,7 +40,10 @@ def seconds_late(options: Mapping[str, Any], now: float | None = None) -> float 
 
 def lane_of(routing_key: object) -> str:
     """The lane a message came through, from its routing key (a queue name may carry a model suffix)."""
-    return INTERACTIVE if INTERACTIVE in str(routing_key or "") else BULK
+    # The lane is the part before the first dot (workers/protocol/routing.py): a model named "x-interactive"
+    # on the bulk lane is still bulk.
+    lane = str(routing_key or "").partition(".")[0]
+    return INTERACTIVE if lane == INTERACTIVE else BULK
 
 
 def stats_field(lane: str, model: str) -> str:
