@@ -132,12 +132,13 @@ def test_the_runtime_setting_is_validated() -> None:
 
 
 def test_runtime_flag_reaches_the_workers_a_command_starts() -> None:
-    from producer.cli.main import _settings_from, build_parser, worker_argv
+    from producer.cli.common import settings_from
+    from producer.cli.main import build_parser, worker_argv
 
     # given `embedq worker --runtime openvino` (the same flag `embedq embed` passes to its own workers)
     args = build_parser().parse_args(["worker", "--broker", "redis://127.0.0.1:1/0", "--runtime", "openvino"])
     # when it works out its command line
-    _, env, line = worker_argv(args, _settings_from(args, {}))
+    _, env, line = worker_argv(args, settings_from(args, {}))
     # then the children get the runtime through their environment, and the line names it
     assert env["EMBEDQ_RUNTIME"] == "openvino"
     assert "runtime openvino" in line

@@ -1,4 +1,5 @@
-"""The `embedq` command line: `embed` a corpus, run a `worker`."""
+"""The `embedq` command line: the parser, `worker`, and one exit code per error type (`embed` is in embed.py;
+`serve`, `up` and `status` in serve.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,15 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from producer.cli import exitcodes
-from producer.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
-from producer.cli.vector_flags import add_vector_flags, vector_options
-from producer.job.chunk_plan import MIN_TAIL_ROWS
-from producer.job.quantize import PRECISIONS
+from producer.cli.args import Parser, positive_int
+from producer.cli.common import add_model_flags, default_workers, say, settings_from
+from producer.cli.embed import add_embed_command
 from workers.protocol import extras
-from workers.protocol.config import DTYPES, RUNTIMES, Settings
+from workers.protocol.config import Settings
 from workers.protocol.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -30,7 +28,6 @@ from workers.protocol.errors import (
     NoWorkers,
     WorkersFailed,
 )
-from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 
 log = logging.getLogger("embedq")
 
@@ -47,59 +44,8 @@ _EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
-def default_workers() -> int:
-    """Pool children for a local job: one per core (measured best on 2 cores; see README, Performance)."""
-    return max(1, len(os.sched_getaffinity(0)))
-
-
 def _interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt
-
-
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="local Hugging Face model folder or hub name, or with --broker a model the fleet serves "
-        "(default: the packaged all-MiniLM-L6-v2)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=None,
-        help="fp32 (exact, default), bf16/fp16 autocast, or auto (bf16 where the hardware has it)",
-    )
-    parser.add_argument(
-        "--batch-tokens", type=int, default=None, help="padded tokens per forward batch (default: 2048, at least 16)"
-    )
-    parser.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default=None,
-        help="inference runtime of the workers this command starts (default auto: the fastest exact one on CPU)",
-    )
-
-
-def _settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
-    """EMBEDQ_* settings with the flags applied; a bad flag value is reported under the flag's own name."""
-    settings = Settings.from_env(environ)
-    for flag, name in (
-        ("broker", "broker_url"),
-        ("model", "model"),
-        ("dtype", "dtype"),
-        ("batch_tokens", "batch_tokens"),
-        ("runtime", "runtime"),
-    ):
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        try:
-            settings = settings.replace(**{name: value})
-        except ConfigError as error:
-            # Settings speak of EMBEDQ_X=value (their own source); the user typed --x value.
-            reason = str(error).split(": ", 1)[-1]
-            raise ConfigError(f"--{flag.replace('_', '-')} {value}: {reason}") from None
-    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,130 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    embed = sub.add_parser("embed", help="embed a corpus file into .npy or .parquet")
-    embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, .parquet, or - for stdin")
-    embed.add_argument("-o", "--output", required=True, help="OUTPUT.npy or OUTPUT.parquet (checked before any start)")
-    _add_model_flags(embed)
-    embed.add_argument(
-        "--broker",
-        default=None,
-        help="redis://… of running workers (default: embedded Valkey and local workers, or EMBEDQ_BROKER_URL when set)",
-    )
-    embed.add_argument(
-        "--workers",
-        type=positive_int,
-        default=None,
-        help="local pool children, embedded mode only (default: one per core)",
-    )
-    embed.add_argument(
-        "--wait-for-workers",
-        type=non_negative_float,
-        default=0.0,
-        metavar="SECONDS",
-        help="with --broker: how long to wait for a worker on the queue before exit 7 (0: a few seconds' grace)",
-    )
-    embed.add_argument(
-        "--no-worker-check",
-        dest="worker_check",
-        action="store_false",
-        help="with --broker: queue the job even if no worker consumes it yet (an autoscaler starts them)",
-    )
-    # 512 (measured, README "Performance"): packs short texts to ~1.04x padding (256: 1.06x), its few Redis
-    # round trips cost milliseconds against seconds of compute, and 2 workers still get 3 chunks each of 3,000 texts.
-    embed.add_argument("--chunk-size", type=positive_int, default=512, help="documents per task")
-    # 0 (measured, bench/command_vs_encoder.py: full 512-row chunks ran 1.27-1.28x the in-process encoder,
-    # shrinking ones split 4 ways 0.95-1.23x in the same runs on a busy 2-core machine).
-    embed.add_argument(
-        "--tail-chunks",
-        type=non_negative_int,
-        default=0,
-        help="near the end, cut what is left into this many shrinking chunks (guided self-scheduling; try 2 x "
-        "workers); 0 keeps every chunk full (default)",
-    )
-    embed.add_argument(
-        "--min-chunk-size",
-        type=positive_int,
-        default=MIN_TAIL_ROWS,
-        help="smallest of the shrinking tail chunks (default: %(default)s)",
-    )
-    embed.add_argument(
-        "--max-in-flight",
-        type=positive_int,
-        default=None,
-        help="chunks sent but not yet collected (default: 2 x workers + 2, at least 4)",
-    )
-    embed.add_argument(
-        "--pooling",
-        choices=("auto", "cls", "mean", "max"),
-        default="auto",
-        help="auto: the model folder's sentence-transformers pooling config, else mean; or cls, mean, max",
-    )
-    embed.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=None,
-        help="tokens per text before truncation (default: the model's max_seq_length)",
-    )
-    embed.add_argument(
-        "--long",
-        choices=LONG_POLICIES,
-        default=TRUNCATE,
-        help="a document over the max length: truncate it (counted); chunk-mean: embed overlapping windows and "
-        "average them into its row; chunks: one row per window (Parquet: id, window, token_start, token_end)",
-    )
-    embed.add_argument("--no-normalize", dest="normalize", action="store_false", help="skip L2 normalisation")
-    add_vector_flags(embed)
-    embed.add_argument("--text-field", default="text", help="JSONL key or CSV column holding the text")
-    embed.add_argument(
-        "--id-field", default="id", help="JSONL key or CSV column holding the record id (missing: the line number)"
-    )
-    embed.add_argument(
-        "--format",
-        dest="input_format",
-        choices=("auto", "txt", "jsonl", "csv", "parquet"),
-        default="auto",
-        help="input format; auto goes by the file suffix (stdin: JSONL if it starts with '{', else text)",
-    )
-    embed.add_argument(
-        "--on-invalid",
-        choices=("fail", "skip"),
-        default="fail",
-        help="fail: stop at the first invalid record; skip: set it aside in OUTPUT.rejects.jsonl",
-    )
-    embed.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="float32",
-        help="output values: int8/uint8 scaled by per-dimension ranges of the whole job (in the manifest), "
-        "binary/ubinary one bit per dimension (as sentence-transformers' quantize_embeddings)",
-    )
-    embed.add_argument("--results", default="redis", help="where workers leave chunk results: redis or disk:PATH")
-    embed.add_argument(
-        "--pool", choices=("prefork", "solo", "threads"), default="prefork", help="local worker pool (embedded mode)"
-    )
-    embed.add_argument(
-        "--start-method", choices=("fork", "spawn"), default=None, help="prefork start method (default: fork)"
-    )
-    embed.add_argument(
-        "--stall-timeout",
-        type=positive_float,
-        default=600.0,
-        help="seconds without news before silent chunks are sent again",
-    )
-    embed.add_argument(
-        "--workers-lost-timeout",
-        type=positive_float,
-        default=60.0,
-        help="seconds with no live worker on the broker (none started, or every host lost) before the job fails, "
-        "naming the rows not embedded (default: %(default)s)",
-    )
-    embed.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
-    )
-    embed.set_defaults(func=cmd_embed)
+    add_embed_command(sub)
 
     worker = sub.add_parser("worker", help="run a worker (a thin wrapper over `celery -A workers.app worker`)")
-    _add_model_flags(worker)
+    add_model_flags(worker)
     worker.add_argument(
         "--broker", default=None, help="redis://… (default: EMBEDQ_BROKER_URL, else redis://127.0.0.1:6379/0)"
     )
@@ -264,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from producer.cli.serve import add_commands
 
-    add_commands(sub, _settings_from)  # serve, up, status
+    add_commands(sub, settings_from)  # serve, up, status
     return parser
 
 
@@ -277,154 +103,6 @@ def _queues(text: str) -> str:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"{text}: choose from {', '.join(QUEUES)}, comma-separated")
     return ",".join(names)
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from producer.job.fleet_model import job_model
-    from producer.job.output import output_kind
-    from producer.job.preflight import check_first_records, check_output, check_results, wait_for_consumers
-    from producer.job.readers import count_lines, detect_format, open_input
-    from producer.job.runner import Job
-    from producer.job.spec import JobOptions
-    from workers.protocol.store import parse_store_spec
-
-    settings = _settings_from(args)
-    if args.start_method:
-        settings = settings.replace(pool_start_method=args.start_method)
-    try:
-        kind = output_kind(args.output)
-    except ValueError:
-        raise ConfigError(f"-o {args.output}: name the output .npy or .parquet") from None
-    if args.long == CHUNKS and kind != "parquet":
-        raise ConfigError(
-            f"--long chunks -o {args.output}: one row per window needs the window columns of Parquet; "
-            "name the output .parquet, or use --long chunk-mean for one row per document"
-        )
-    if args.long == CHUNKS and args.precision != "float32":
-        raise ConfigError(
-            f"--long chunks --precision {args.precision}: window rows are written as float32; "
-            "drop --precision, or use --long chunk-mean"
-        )
-    embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
-    if embedded:
-        extras.require("embedq embed without --broker (the embedded default)", "local")
-    if kind == "parquet":
-        extras.require("embedq embed -o OUTPUT.parquet", "parquet")
-    if detect_format(args.input, args.input_format) == "parquet":
-        extras.require("embedq embed INPUT.parquet", "parquet")
-    parse_store_spec(args.results)
-    check_results(args.results)
-    # Fail fast, before anything starts: the input, the model, the output.
-    if args.input != "-":
-        open_input(args.input).close()
-    # Read from the model's folder; a light install asks the fleet for what it cannot read. On a fleet, a model
-    # no live worker serves is refused here, naming those served (producer/job/fleet_model.py).
-    model = job_model(
-        settings,
-        on_fleet=not embedded,
-        check_served=args.worker_check,
-        wait_s=args.wait_for_workers,
-        pooling=args.pooling,
-        max_length=args.max_length,
-    )
-    vectors = vector_options(args, model)
-    if args.long != TRUNCATE and vectors["prompt"]:
-        raise ConfigError(
-            f"--long {args.long} with a prompt ({vectors['prompt_name'] or 'given'}): windows take no prompt yet; "
-            "use --long truncate, or --prompt '' to embed without one"
-        )
-    check_output(
-        args.output,
-        rows_hint=count_lines(args.input, args.input_format) or 0,
-        dim=vectors["dimensions"] or model.dim,
-        precision=args.precision,
-    )
-    if args.on_invalid == "fail":
-        check_first_records(
-            args.input,
-            fmt=args.input_format,
-            text_field=args.text_field,
-            id_field=args.id_field,
-            limit=args.chunk_size,
-        )
-    workers = args.workers or default_workers()
-    options = JobOptions(
-        model=model,
-        normalize=args.normalize,
-        dtype=settings.dtype,
-        batch_tokens=args.batch_tokens,
-        results=args.results,
-        chunk_rows=args.chunk_size,
-        max_in_flight=args.max_in_flight or max(4, 2 * workers + 2),
-        tail_split=args.tail_chunks,
-        min_chunk_rows=args.min_chunk_size,
-        text_field=args.text_field,
-        id_field=args.id_field,
-        input_format=args.input_format,
-        on_invalid=args.on_invalid,
-        precision=args.precision,
-        stall_timeout_s=args.stall_timeout,
-        workers_lost_s=args.workers_lost_timeout,
-        long=args.long,
-        **vectors,
-    )
-    say = _say
-    if not embedded:
-        from workers.protocol.keys import connect, redact
-
-        connect(settings.broker_url).close()  # exit 4 at once when the broker is not there
-        if args.worker_check:
-            consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers, say=say)
-            say(f"{len(consumers)} worker(s) consume {options.queue!r} on {redact(settings.broker_url)}")
-    if embedded:
-        from producer.local.cluster import LocalCluster
-
-        say(f"starting an embedded Valkey and {workers} local worker{'s' if workers > 1 else ''} ({args.pool})")
-        kind, disk_path = parse_store_spec(args.results)
-        from producer.local import state as local_state
-
-        with LocalCluster(
-            # Local workers write disk results only under the folder this command names.
-            settings.replace(
-                model=model.path if model.is_local else settings.model,
-                disk_results_root=str(Path(disk_path).resolve()) if kind == "disk" else "",
-            ),
-            concurrency=workers,
-            pool=args.pool,
-        ) as cluster:
-            announced = local_state.announce("embed", cluster.broker_url, time.time())
-            job = Job(
-                args.input,
-                args.output,
-                options,
-                settings.replace(broker_url=cluster.broker_url),
-                progress=args.progress,
-                on_idle=cluster.check_alive,
-            )
-            try:
-                report = job.run()
-            finally:
-                local_state.withdraw(announced)
-    else:
-        job = Job(args.input, args.output, options, settings, progress=args.progress)
-        report = job.run()
-    _summary(report, args.output)
-    return exitcodes.OK
-
-
-def _say(line: str) -> None:
-    print(f"embedq: {line}", file=sys.stderr, flush=True)
-
-
-def _summary(report: Any, output: str) -> None:
-    reused = f", {report.reused_chunks} chunks reused from an earlier run" if report.reused_chunks else ""
-    split = f", {report.split} split into {report.windows} windows" if report.split else ""
-    print(
-        f"embedq: {report.rows} docs in {report.wall_s:.1f} s ({report.docs_per_s:.1f} docs/s), "
-        f"{report.truncated} truncated{split}, {report.rejected} rejected{reused} -> {output} "
-        f"(manifest {output}.manifest.json)",
-        flush=True,
-    )
 
 
 def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str], dict[str, str], str]:
@@ -458,9 +136,9 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> tuple[list[str]
 
 def cmd_worker(args: argparse.Namespace) -> int:
     extras.require("embedq worker", "worker")
-    settings = _settings_from(args)
+    settings = settings_from(args)
     command, env, line = worker_argv(args, settings)
-    _say(line)
+    say(line)
     os.execve(command[0], command, env)  # become celery: signals and exit codes are celery's own
     return exitcodes.OK  # pragma: no cover
 
@@ -478,19 +156,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        _say("interrupted; stopped everything this command started")
+        say("interrupted; stopped everything this command started")
         return exitcodes.INTERRUPTED
     except EmbedqError as error:
-        _say(f"error: {error}")
+        say(f"error: {error}")
         return next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), exitcodes.JOB_FAILED)
     except OSError as error:
         # Found only mid-job (a disk that fills up, a folder removed under us): still one line, no traceback.
         where = f"{error.filename}: " if error.filename else ""
-        _say(f"error: {where}{error.strerror or error}")
+        say(f"error: {where}{error.strerror or error}")
         return exitcodes.JOB_FAILED
     except Exception as error:  # the CLI's last line of defence: a bug still gets one line, -v shows the rest
         log.info("unexpected error", exc_info=True)
-        _say(f"error: unexpected {type(error).__name__}: {error} (run with -v for the traceback)")
+        say(f"error: unexpected {type(error).__name__}: {error} (run with -v for the traceback)")
         return exitcodes.JOB_FAILED
 
 

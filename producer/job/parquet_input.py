@@ -4,7 +4,7 @@ Only the two columns are read, batch by batch (`ParquetFile.iter_batches`), so m
 row group's column chunks, never by the file. This module yields raw values; producer/job/readers.py
 validates them as it does every format's. A row's "line" is its 1-based row number: that is what
 errors and OUTPUT.rejects.jsonl name. pyarrow comes with the `parquet` extra; the command line checks
-for it before anything starts (producer/cli/main.py).
+for it before anything starts (producer/cli/embed.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The asyncio twin of `EmbedClient`: `await client.embed(texts)` never blocks the event loop.
 
 It shares request planning, caching, waiting and event handling with the blocking client
-(`producer.serve.client._Core`); only the I/O differs: it happens on redis.asyncio.
+(`producer.serve.client_core._Core`); only the I/O differs: it happens on redis.asyncio.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import redis
 import redis.asyncio as aredis
 
-from producer.serve.client import _ClientBase, _Request
+from producer.serve.client import _ClientBase
+from producer.serve.client_core import _Request
 from workers.protocol import events
 from workers.protocol.queues import queue_depth_async
 from workers.protocol.store import decode_result

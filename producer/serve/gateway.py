@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Histogram
 
 from producer.serve.async_client import AsyncEmbedClient
-from producer.serve.client import validate_texts
+from producer.serve.client_core import validate_texts
 from producer.serve.gateway_guard import ApiError, Guard, install_error_handlers, log
 from producer.serve.limits import RETRY_AFTER_S, Admission, HttpLimits, Overloaded, protocol_class
 from producer.serve.metrics import fleet_registry, render
