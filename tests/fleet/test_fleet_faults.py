@@ -104,10 +104,12 @@ def test_a_host_cut_off_mid_job_has_its_chunk_sent_again_within_seconds(fleet: F
     np.testing.assert_allclose(matrix[: len(TEXTS)], clean, atol=1e-5)
     np.testing.assert_allclose(matrix[len(TEXTS) :], clean, atol=1e-5)
     assert run.manifest()["ids"] == [f"doc-{i}" for i in range(2 * len(TEXTS))]
-    # ... because host2's chunk was sent again when its lease went silent, on default settings: the lease
-    # TTL (10 s) is what the cut cost, not the visibility timeout (an hour)
-    assert _resent(run).get("holder_silent", 0) >= 1, run.manifest()
-    assert "went silent" in run.stderr
+    # ... because host2's chunk was sent again on default settings, within seconds instead of the visibility
+    # timeout (an hour): by the lease rule once its lease TTL (10 s) runs out, or by the straggler rule when host1
+    # alone reaches the job's tail first (a quiet machine ran the doubled job in 10.2 s, under the TTL + a tick)
+    assert _resent_for_lost_holder(run) >= 1, run.manifest()
+    if _resent(run).get("holder_silent"):
+        assert "went silent" in run.stderr
     assert run.wall_s < 2 * clean_run.wall_s + 30, (run.wall_s, clean_run.wall_s)
     _wait_no_result_keys(fleet)
     fleet.wait_all_alive()  # host2 comes back by itself once healed
