@@ -100,20 +100,12 @@ def parse_input(raw: Any, max_inputs: int) -> list[str]:
         raise ApiError(400, str(error), param="input", code="invalid_input") from None
 
 
-def parse_options(body: dict[str, Any], served: list[str]) -> tuple[str, int | None]:
-    """(encoding_format, dimensions) of a request, after checking `model` against the served names.
-
-    `dimensions` is checked against the model's width by `request_variant`."""
+def parse_options(body: dict[str, Any]) -> tuple[str, int | None]:
+    """(encoding_format, dimensions) of a request; `model` must be a string (which model serves it, and a 404
+    for one nobody serves, is ModelClients.pick's), `dimensions` is checked against the width by `request_variant`."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
-    if model is not None and model not in served:
-        raise ApiError(
-            404,
-            f"model {model!r} is not served here; use {served[0]!r} (see GET /v1/models)",
-            param="model",
-            code="model_not_found",
-        )
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ("float", "base64"):
         raise ApiError(400, f"'encoding_format' {encoding_format!r}: use float or base64", param="encoding_format")
@@ -269,7 +261,7 @@ def create_app(settings: Settings, options: GatewayOptions | None = None) -> Gua
         except ModelNotServed as error:
             raise ApiError(404, str(error), param="model", code="model_not_found") from None
         target = chosen.client
-        encoding_format, dimensions = parse_options(body, chosen.names)
+        encoding_format, dimensions = parse_options(body)
         variant = request_variant(target, body, dimensions)
         depth = await target.queue_depth()
         if depth >= opts.max_queue:
