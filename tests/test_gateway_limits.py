@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,10 +132,14 @@ def test_bytes_that_are_not_http_get_an_openai_shaped_400(fleet: Fleet) -> None:
 
 
 def test_past_the_concurrency_limit_requests_get_429_with_retry_after_and_the_rest_200(fleet: Fleet) -> None:
-    # given a gateway with one slot and one place in line, when 12 clients ask at once
+    # given a gateway with one slot and one place in line, when 12 clients ask at once (connected first, then all
+    # sending together: a quiet machine otherwise served each thread's request before the next one had started)
+    together = threading.Barrier(12)
+
     def ask(i: int) -> tuple[int, object, str | None]:
         with connect(fleet.tight) as sock:  # type: ignore[attr-defined]
-            body = json.dumps({"input": [f"burst text {i} {j}" for j in range(8)]}).encode()
+            body = json.dumps({"input": [f"burst text {i} {j} " * 8 for j in range(32)]}).encode()
+            together.wait(timeout=30)
             sock.sendall(post_head(len(body)).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + body)
             status, headers, payload = response_of(read_until_closed(sock))
             return status, payload, headers.get("retry-after")
