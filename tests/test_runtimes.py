@@ -106,8 +106,10 @@ def test_a_model_that_cannot_be_converted_fails_in_one_line_unless_runtime_is_au
 
 
 def test_runtime_choice_refuses_what_a_runtime_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    # fp32 auto on CPU is the fastest installed exact runtime; CUDA always torch
+    # fp32 auto on CPU is the fastest installed exact runtime, and so is bf16 on a CPU with native bf16; CUDA is torch
     assert choose_runtime("auto", "cpu", "fp32") == "openvino"
+    monkeypatch.setattr(backend_module, "cpu_has_bf16", lambda: True)
+    assert choose_runtime("auto", "cpu", "bf16") == "openvino"
     assert choose_runtime("auto", "cuda", "bf16") == "torch"
     with pytest.raises(ConfigError, match="EMBEDQ_RUNTIME=openvino: runs on CPU only"):
         choose_runtime("openvino", "cuda", "fp32")
@@ -152,3 +154,41 @@ def test_an_unknown_runtime_flag_is_a_usage_error(capsys: pytest.CaptureFixture[
         build_parser().parse_args(["embed", "in.jsonl", "-o", "out.npy", "--runtime", "tensorrt"])
     assert stopped.value.code == 2
     assert "onnxruntime" in capsys.readouterr().err
+
+
+def test_the_attention_scale_is_folded_into_the_query_weights_only_where_the_output_stays_the_same(
+    tiny_bert: Path,
+) -> None:
+    import torch
+
+    from workers.encoder.convert import export_wrapper, fold_attention_scale
+
+    # given the tiny BERT's export wrapper (the scale is folded as it is built) and the unfolded model
+    from workers.encoder.torch_backend import load_module
+
+    info = resolve_model(str(tiny_bert))
+    wrapper, example = export_wrapper(info, uses_token_types=False)
+    plain = load_module(info)
+    # then every self-attention's scaling is 1 and the hidden states are the unfolded model's
+    scalings = [sub.scaling for sub in wrapper.modules() if hasattr(sub, "query")]
+    assert scalings and set(scalings) == {1.0}
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            wrapper(**example).numpy(), plain(**example).last_hidden_state.numpy(), rtol=1e-4, atol=1e-5
+        )
+
+    # given an attention module with a `scaling` its forward does not use the way BERT's does
+    class OddAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = torch.nn.Linear(4, 4)
+            self.scaling = 0.5
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.query(x) * 0.5
+
+    odd = OddAttention()
+    weight = odd.query.weight.detach().clone()
+    # when folding is tried on it, then the check sees a different output and restores it as it was
+    assert fold_attention_scale(odd, {"x": torch.ones(2, 4)}) == 0
+    assert odd.scaling == 0.5 and torch.equal(odd.query.weight, weight)

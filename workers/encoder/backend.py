@@ -22,12 +22,10 @@ PACKAGES = {"torch": "torch", "openvino": "openvino", "onnxruntime": "onnxruntim
 DTYPES = {"torch": ("fp32", "bf16"), "openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
 #: `auto` on CPU: the fastest runtime that meets the bar (fp32 min cosine >= 0.99999 against sentence-transformers,
 #: bf16 >= 0.9999), measured on all-MiniLM-L6-v2, 6,000 fortunes, 2 threads, 2,048-token batches (bench/results.md):
-#: fp32 OpenVINO 167 > ONNX Runtime 134 > torch 66 docs/s, all exact. In bf16 OpenVINO is faster (255 against torch
-#: autocast's 209 docs/s) but its worst row reached a cosine of only 0.99988, so `auto` runs bf16 on torch;
-#: EMBEDQ_RUNTIME=openvino still runs bf16 on OpenVINO for whoever takes that trade. Re-measured on 2026-12-03 on a
-#: CPU with native bf16 (make bench): OpenVINO bf16 599 docs/s against torch's 355, worst row still 0.999879;
-#: marking ops to stay f32 (rt_info disable_fp16_compression) changed nothing in its CPU plugin.
-AUTO_ORDER = {"fp32": ("openvino", "onnxruntime", "torch"), "bf16": ("torch",)}
+#: fp32 OpenVINO 362 > torch 166 > ONNX Runtime 140 docs/s, all exact; bf16 (native) OpenVINO 599 > torch autocast
+#: 355 docs/s. OpenVINO's bf16 was first excluded (worst row 0.999879), until the attention scale was folded into
+#: the query weights at conversion (convert.fold_attention_scale): worst row 0.999951.
+AUTO_ORDER = {"fp32": ("openvino", "onnxruntime", "torch"), "bf16": ("openvino", "torch")}
 
 
 class Backend(Protocol):
