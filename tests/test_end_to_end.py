@@ -96,8 +96,10 @@ def test_every_pool_flavour_yields_the_reference_rows_in_order(
     # ends has not said so yet: hence at most, not exactly)
     if pool == "prefork":
         assert 1 <= worker.log().count("ready:") <= concurrency, worker.log()
-        # and forked children inherit torch from the worker main process; spawned ones import it themselves
-        expected = "imports inherited from the worker process" if start_method == "fork" else "imported here"
+        # and forked torch children inherit torch from the worker main process; spawned ones import it themselves,
+        # as do children of the other runtimes here, which convert the model into a fresh cache (with torch)
+        inherits = start_method == "fork" and runtime == "torch"
+        expected = "imports inherited from the worker process" if inherits else "imported here"
         assert expected in worker.log(), worker.log()
     # and the runtime asked for is the one that served the chunks
     if runtime != "auto":

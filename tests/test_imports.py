@@ -1,4 +1,5 @@
-"""The Celery parent and the producer never import torch or transformers (fork safety, start-up time)."""
+"""The Celery parent, the producer and the encoder core never import torch or transformers (fork safety, start-up
+time: a child on OpenVINO or ONNX Runtime runs without them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCER_MODULES = sorted(f"producer.{p.stem}" for p in (ROOT / "producer").glob("*.py") if p.stem != "__main__")
-LIGHT_MODULES = ["workers.app", "workers.tasks", *PRODUCER_MODULES]
+LIGHT_MODULES = ["workers.app", "workers.tasks", "workers.encoder", "workers.runtime", *PRODUCER_MODULES]
 HEAVY = ("torch", "transformers", "sentence_transformers")
 
 
@@ -45,4 +46,4 @@ def test_workers_app_and_every_producer_module_leave_torch_and_transformers_out(
 
 def test_the_check_itself_sees_torch_when_it_is_imported() -> None:
     # guards the test above against passing vacuously
-    assert "torch" in _heavy_after_importing("workers.encoder")
+    assert "torch" in _heavy_after_importing("workers.encoder.torch_backend")

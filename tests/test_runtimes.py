@@ -20,7 +20,8 @@ TEXTS = ["a short sentence", "another, longer sentence about the weather in spri
 
 
 def _entries(cache: Path) -> list[str]:
-    return sorted(path.name for path in cache.iterdir())
+    """The cache's entries and temp folders, but for the tokenizer's (workers/encoder/tokenizer.py)."""
+    return sorted(path.name for path in cache.iterdir() if not path.name.startswith("tokenizer-"))
 
 
 def _load_and_encode(model: str, cache: str, barrier: Any, out: str) -> None:
@@ -98,7 +99,7 @@ def test_a_model_that_cannot_be_converted_fails_in_one_line_unless_runtime_is_au
     assert "\n" not in message and info.name in message and "aten::frobnicate" in message
     assert "EMBEDQ_RUNTIME=openvino" in message and "EMBEDQ_RUNTIME=torch" in message
     # and no half-converted entry is left behind
-    assert not list((tmp_path / "cache").iterdir())
+    assert not _entries(tmp_path / "cache")
     # when the runtime is auto, then it falls back to torch and encodes as torch does
     fallback = Encoder.load(info, "cpu", runtime="auto", cache_dir=str(tmp_path / "cache"))
     assert fallback.runtime_name == "torch"

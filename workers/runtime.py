@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -127,7 +128,6 @@ def init_process(settings: Settings) -> WorkerContext:
     with _context_lock:
         if _context is not None:
             return _context
-        import sys
         import time
 
         # True when the worker main process imported the model code before forking us (workers/app.py).
@@ -166,9 +166,17 @@ def init_process(settings: Settings) -> WorkerContext:
             encoder.runtime_name,
             threads,
             load_s,
-            "imports inherited from the worker process" if inherited else "imported here",
+            _imports(inherited),
         )
         return _context
+
+
+def _imports(inherited: bool) -> str:
+    """Where this child's model code came from, for its ready line (tests and operators read it)."""
+    if inherited:
+        return "imports inherited from the worker process"
+    # A child on OpenVINO or ONNX Runtime with its model already converted never imports torch.
+    return "imported here" if "torch" in sys.modules else "without torch"
 
 
 def current() -> WorkerContext:

@@ -18,6 +18,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,10 @@ def model_folder(info: ModelInfo) -> Path:
 
 
 def cache_key(folder: Path, runtime: str, runtime_version: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Everything a converted model depends on, as a JSON-able dict (its hash names the cache entry)."""
-    import torch
-    import transformers
+    """Everything a converted model depends on, as a JSON-able dict (its hash names the cache entry).
 
+    Versions are read from the installed packages' metadata: importing torch to ask would cost a child
+    that never runs it 2 s."""
     files = sorted(
         (str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns)
         for path in folder.rglob("*")
@@ -69,10 +70,17 @@ def cache_key(folder: Path, runtime: str, runtime_version: str, options: dict[st
         "files": files,
         "runtime": runtime,
         "runtime_version": runtime_version,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
         "options": options,
     }
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def converted(

@@ -2,6 +2,7 @@
 
 Each chunk is tokenized once, sorted by length, packed under a token budget, run by the chosen
 runtime's backend (workers/encoder/backend.py), normalised in fp32, and put back in input order.
+Nothing here imports torch: an encoder on OpenVINO or ONNX Runtime never loads it (workers/encoder/device.py).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
 from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder.batching import pack_by_tokens
+from workers.encoder.device import default_threads, device_type, is_out_of_memory, resolve_device, resolve_dtype
 from workers.encoder.prompting import cut, pooling_mask, prompt_length
-from workers.encoder.torch_backend import TorchBackend, is_out_of_memory, load_module, resolve_device, resolve_dtype
+from workers.encoder.tokenizer import Tokenizer, load_tokenizer
 from workers.encoder.windows import plan_windows
 from workers.protocol.dimensions import check_dimensions
 from workers.protocol.errors import ConfigError, InputError, ModelError
@@ -62,8 +64,8 @@ class Encoder:
     def __init__(
         self,
         info: ModelInfo,
-        tokenizer: object,
-        device: torch.device,
+        tokenizer: Tokenizer,
+        device: str,
         *,
         runtime: str = "torch",
         threads: int = 1,
@@ -78,8 +80,8 @@ class Encoder:
         #: The runtime that serves the default dtype (what `runtime` resolved to), set by `load`.
         self.runtime_name = runtime
         self.dim = info.dim
-        self.pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
-        self.uses_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        self.pad_id = tokenizer.pad_id
+        self.uses_token_types = tokenizer.uses_token_types
         # A fast tokenizer is not safe to share between threads ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
         self._backends: dict[str, Backend] = {}
@@ -103,21 +105,14 @@ class Encoder:
         `runtime="auto"` picks the fastest exact runtime installed (backend.AUTO_ORDER), and falls back to
         torch, with a warning, if the model cannot be converted for it; an explicit runtime raises instead.
         """
-        from transformers import AutoTokenizer
-
         started = time.monotonic()
         target = resolve_device(device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=info.is_local)
-        except (OSError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelError(f"model {info.path!r}: cannot load ({first_line})") from error
         encoder = cls(
             info,
-            tokenizer,
+            load_tokenizer(info, cache_dir),
             target,
             runtime=runtime,
-            threads=threads or torch.get_num_threads(),
+            threads=threads or default_threads(),
             cache_dir=cache_dir,
         )
         chosen = encoder.backend(resolve_dtype(dtype, target))
@@ -127,7 +122,7 @@ class Encoder:
 
     def backend(self, dtype: str) -> Backend:
         """The backend that runs `dtype` (already resolved), loaded once and kept."""
-        name = choose_runtime(self.runtime, self.device.type, dtype)
+        name = choose_runtime(self.runtime, device_type(self.device), dtype)
         with self._backends_lock:
             if name not in self._backends:
                 self._backends[name] = self._new_backend(name)
@@ -143,16 +138,19 @@ class Encoder:
                 log.warning("%s; EMBEDQ_RUNTIME=auto falls back to torch", error)
                 name = "torch"
         if "torch" not in self._backends:
-            self._backends["torch"] = TorchBackend(load_module(self.info), self.device, self.uses_token_types)
+            from workers.encoder.torch_backend import TorchBackend, load_module
+
+            self._backends["torch"] = TorchBackend(
+                load_module(self.info), self.device, self.uses_token_types, self.threads
+            )
         return self._backends["torch"]
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> Any:
         """The torch module (loaded if the encoder runs another runtime): what the other runtimes convert."""
         with self._backends_lock:
             backend = self._backends.get("torch") or self._new_backend("torch")
-        assert isinstance(backend, TorchBackend)
-        return backend.model
+        return backend.model  # type: ignore[attr-defined]
 
     def warm_up(self, batch_tokens: int, dtype: str) -> None:
         """Run the largest batch the budget allows once (longest rows, most attention), so that the runtime's
@@ -173,22 +171,10 @@ class Encoder:
         stripped = [(prompt + text).strip() for text in texts]
         with self._tokenizer_lock:
             try:
-                encoded = self.tokenizer(  # type: ignore[operator]
-                    stripped,
-                    truncation=True,
-                    max_length=max_length,
-                    padding=False,
-                    return_attention_mask=False,
-                    return_token_type_ids=False,
-                )
+                ids, cut_flags = self.tokenizer.encode(stripped, max_length)
             except (UnicodeEncodeError, TypeError) as error:
                 raise InputError(f"a text cannot be tokenized: {error}") from error
-        ids: list[list[int]] = encoded["input_ids"]
-        if getattr(encoded, "encodings", None):
-            truncated = sum(1 for enc in encoded.encodings if enc.overflowing)
-        else:  # slow tokenizers keep no overflow record; count by the untruncated length
-            truncated = sum(1 for row in ids if len(row) >= max_length)
-        return ids, truncated
+        return ids, sum(cut_flags)
 
     def encode(
         self,
@@ -275,8 +261,9 @@ class Encoder:
         except (RuntimeError, MemoryError) as error:
             if not is_out_of_memory(error) or len(batch) == 1:
                 raise
-            if isinstance(backend, TorchBackend):
-                backend.release_cache()
+            release_cache = getattr(backend, "release_cache", None)  # the torch backend's, on a GPU
+            if release_cache is not None:
+                release_cache()
             half = len(batch) // 2
             log.warning("out of memory on a batch of %d rows; retrying as two batches", len(batch))
             return self._run_batch(backend, ids, batch[:half], output, pooling, dtype, skip) + self._run_batch(

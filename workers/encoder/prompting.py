@@ -17,9 +17,9 @@ import numpy as np
 
 def prompt_length(tokenizer: Any, prompt: str, max_length: int) -> int:
     """Tokens of `prompt` that pooling leaves out: its ids with special tokens, less a trailing special one."""
-    ids: list[int] = tokenizer([prompt], truncation=True, max_length=max_length)["input_ids"][0]
+    ids = tokenizer.encode([prompt], max_length)[0][0]
     length = len(ids)
-    if ids and ids[-1] in set(getattr(tokenizer, "all_special_ids", ())):
+    if ids and ids[-1] in tokenizer.special_ids:
         length -= 1
     return length
 

@@ -6,42 +6,14 @@ Also where a model folder becomes a torch module (`load_module`), which the othe
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import torch
 
-from workers.encoder.backend import cpu_has_bf16
-from workers.protocol.errors import ConfigError, ModelError
+from workers.protocol.errors import ModelError
 from workers.protocol.model_info import ModelInfo
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(requested: str) -> torch.device:
-    """auto (CUDA when visible), cpu, cuda or cuda:N; ConfigError for a CUDA device that is not there."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {requested!r}: no CUDA device is visible to this worker; use cpu or auto")
-    return torch.device(requested)
-
-
-def resolve_dtype(requested: str, device: torch.device) -> str:
-    """Map auto|fp32|bf16|fp16 to what this device runs: fp32 is exact, the others are faster."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_bf16() else "fp32"
-    if requested == "fp16" and device.type == "cpu":
-        raise ConfigError("dtype fp16 is for GPUs; on CPU use bf16 (or auto)")
-    return requested
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA out-of-memory, however this torch version spells it."""
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(error, oom_type)) or "out of memory" in str(error).lower()
 
 
 def load_module(info: ModelInfo) -> torch.nn.Module:
@@ -60,9 +32,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, uses_token_types: bool) -> None:
-        self.model = model.to(device)
-        self.device = device
+    def __init__(self, model: torch.nn.Module, device: str, uses_token_types: bool, threads: int) -> None:
+        # Set here, not at import: torch may be imported late (a fallback from another runtime).
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.uses_token_types = uses_token_types
 
     def _autocast(self, dtype: str) -> contextlib.AbstractContextManager[object]:
@@ -126,9 +100,3 @@ def import_model_classes(info: ModelInfo) -> None:
         name = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("tokenizer_class")
         if isinstance(name, str):
             tokenizer_class_from_name(name)
-
-
-def configure_threads(threads: int) -> None:
-    """Give this process `threads` intra-op threads; never more than its share of the cores."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    torch.set_num_threads(max(1, threads))

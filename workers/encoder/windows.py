@@ -56,8 +56,8 @@ class Windows:
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a single text (BERT: [CLS] and [SEP]; RoBERTa: <s> and </s>)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer.encode(["a"], special=False)[0][0]
+    wrapped = tokenizer.encode(["a"])[0][0]
     for start in range(len(wrapped) - len(plain) + 1):
         if wrapped[start : start + len(plain)] == plain:
             return list(wrapped[:start]), list(wrapped[start + len(plain) :])
@@ -77,16 +77,9 @@ def plan_windows(encoder: Any, texts: Sequence[str], ids: list[list[int]], max_l
     content: dict[int, list[int]] = {}
     if candidates:
         with encoder._tokenizer_lock:
-            encoded = encoder.tokenizer(
-                [texts[i].strip() for i in candidates],  # stripped, as Encoder.tokenize does
-                add_special_tokens=False,
-                truncation=False,
-                padding=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                verbose=False,  # no "longer than the maximum" warning: being longer is why these are here
-            )
-        content = {i: row for i, row in zip(candidates, encoded["input_ids"], strict=True) if len(row) > size}
+            # Stripped, as Encoder.tokenize does; untruncated, without special tokens: the text's own tokens.
+            encoded, _ = encoder.tokenizer.encode([texts[i].strip() for i in candidates], special=False)
+        content = {i: row for i, row in zip(candidates, encoded, strict=True) if len(row) > size}
     rows: list[list[int]] = []
     table: list[tuple[int, int, int, int]] = []
     windows = 0
