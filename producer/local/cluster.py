@@ -81,13 +81,18 @@ class LocalCluster:
         self.broker_url = ""
 
     def start(self) -> LocalCluster:
-        self.server = EmbeddedRedis(self.folder / "valkey").start()
+        """Launch Valkey and the workers together, then wait for Valkey only.
+
+        A worker imports for a second or more before it connects; Valkey listens within milliseconds.
+        """
+        self.server = EmbeddedRedis(self.folder / "valkey").launch()
         self.broker_url = self.server.url
         worker_settings = self.settings.replace(broker_url=self.broker_url, result_url="")
         env = {**os.environ, **worker_settings.to_env(), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         for n in range(self.workers):
             command = worker_command(self.concurrency, self.pool, hostname=f"embedq-local{n}-{os.getpid()}@%h")
             self.processes.append(start_process(command, env=env, log_path=self.log_path(n)))
+        self.server.wait_ready()
         return self
 
     def log_path(self, n: int) -> Path:
