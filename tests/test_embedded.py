@@ -161,3 +161,49 @@ def test_workers_that_cannot_start_end_the_job_quickly_with_their_reason(tiny_be
     assert last.startswith("embedq: error: model tiny-bert") and "is available" in last, result.stderr
     run.assert_nothing_left()
     assert not out.exists() and not list(tmp_path.glob("out.npy.*"))
+
+
+def _with_bad_record(path: Path, rows: int, bad_line: int) -> Path:
+    """A corpus of `rows` valid records, except line `bad_line` (1-based), which has no text field."""
+    _corpus(path, rows)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[bad_line - 1] = json.dumps({"id": "no-text"})
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("problem", "code"),
+    [
+        # found by the checks that run while the workers boot
+        ("bad first record", exitcodes.INPUT),
+        ("output is a folder", exitcodes.USAGE),
+        # found by the job as it streams the input, with chunks already sent
+        ("bad record mid-stream", exitcodes.INPUT),
+    ],
+)
+def test_a_problem_found_after_the_workers_started_exits_with_its_code_and_leaves_nothing(
+    tiny_bert: Path, tmp_path: Path, problem: str, code: int
+) -> None:
+    # given an embedded job with one problem that only reading the input or the output folder finds
+    run = Run(tmp_path)
+    corpus = _corpus(tmp_path / "corpus.jsonl", 200)
+    out = tmp_path / "out.npy"
+    if problem == "bad first record":
+        _with_bad_record(corpus, 200, bad_line=3)
+    elif problem == "output is a folder":
+        out.mkdir()
+    else:
+        _with_bad_record(corpus, 200, bad_line=150)  # past the first chunk, which is checked before the job
+    # when it is run with --on-invalid fail (the default)
+    args = ("embed", str(corpus), "-o", str(out), "--model", str(tiny_bert), "--chunk-size", "32", "--workers", "1")
+    result = run_embedq(*args, env=run.env, timeout=120)
+    # then it exits with that problem's code and one line saying what it is
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("embedq: error: "), result.stderr
+    if problem != "bad record mid-stream":
+        assert len(lines) == 1, result.stderr  # nothing else is said before a job starts
+    # and the server and workers started for it are stopped, with their temp folder removed
+    run.assert_nothing_left()
+    assert not list(tmp_path.glob("out.npy.*"))

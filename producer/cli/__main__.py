@@ -1,7 +1,5 @@
 """`python -m producer.cli` runs the `embedq` command."""
 
-import sys
+from producer.cli.main import run
 
-from producer.cli.main import main
-
-sys.exit(main())
+run()

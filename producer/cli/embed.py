@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.cli import exitcodes
 from producer.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
@@ -18,12 +19,20 @@ from workers.protocol import extras
 from workers.protocol.errors import ConfigError
 from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 
+if TYPE_CHECKING:
+    from producer.job.spec import JobOptions, JobReport
+    from producer.local.cluster import LocalCluster
+    from workers.protocol.config import Settings
+    from workers.protocol.model_info import ModelInfo
+
 
 def add_embed_command(sub: Any) -> None:
     """The `embed` subparser on `sub` (argparse's subparsers action)."""
     embed = sub.add_parser("embed", help="embed a corpus file into .npy or .parquet")
     embed.add_argument("input", help=".txt (one document per line), .jsonl, .csv, .parquet, or - for stdin")
-    embed.add_argument("-o", "--output", required=True, help="OUTPUT.npy or OUTPUT.parquet (checked before any start)")
+    embed.add_argument(
+        "-o", "--output", required=True, help="OUTPUT.npy or OUTPUT.parquet (checked before any task is sent)"
+    )
     add_model_flags(embed)
     embed.add_argument(
         "--broker",
@@ -145,41 +154,19 @@ def add_embed_command(sub: Any) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    """Check what is cheap, start the embedded cluster (if any), check the rest while it boots, run the job."""
     from producer.job.fleet_model import job_model
-    from producer.job.output import output_kind
-    from producer.job.preflight import check_first_records, check_output, check_results, wait_for_consumers
-    from producer.job.readers import count_lines, detect_format, open_input
-    from producer.job.runner import Job
-    from producer.job.spec import JobOptions
+    from producer.job.preflight import check_results
+    from producer.job.readers import open_input
     from workers.protocol.store import parse_store_spec
 
     settings = settings_from(args)
     if args.start_method:
         settings = settings.replace(pool_start_method=args.start_method)
-    try:
-        kind = output_kind(args.output)
-    except ValueError:
-        raise ConfigError(f"-o {args.output}: name the output .npy or .parquet") from None
-    if args.long == CHUNKS and kind != "parquet":
-        raise ConfigError(
-            f"--long chunks -o {args.output}: one row per window needs the window columns of Parquet; "
-            "name the output .parquet, or use --long chunk-mean for one row per document"
-        )
-    if args.long == CHUNKS and args.precision != "float32":
-        raise ConfigError(
-            f"--long chunks --precision {args.precision}: window rows are written as float32; "
-            "drop --precision, or use --long chunk-mean"
-        )
     embedded = args.broker is None and "EMBEDQ_BROKER_URL" not in os.environ
-    if embedded:
-        extras.require("embedq embed without --broker (the embedded default)", "local")
-    if kind == "parquet":
-        extras.require("embedq embed -o OUTPUT.parquet", "parquet")
-    if detect_format(args.input, args.input_format) == "parquet":
-        extras.require("embedq embed INPUT.parquet", "parquet")
+    _check_flags(args, embedded)
     parse_store_spec(args.results)
     check_results(args.results)
-    # Fail fast, before anything starts: the input, the model, the output.
     if args.input != "-":
         open_input(args.input).close()
     # Read from the model's folder; a light install asks the fleet for what it cannot read. On a fleet, a model
@@ -198,6 +185,71 @@ def cmd_embed(args: argparse.Namespace) -> int:
             f"--long {args.long} with a prompt ({vectors['prompt_name'] or 'given'}): windows take no prompt yet; "
             "use --long truncate, or --prompt '' to embed without one"
         )
+    workers = args.workers or default_workers()
+    with contextlib.ExitStack() as stack:
+        # A worker boots for seconds (imports, then the model in each pool child): start it now, so that it
+        # boots while the checks that read the input run and the first chunks are read and sent. Any error
+        # from here on leaves the stack, which stops the workers and Valkey and removes their folder.
+        cluster = stack.enter_context(_local_cluster(args, settings, model, workers)) if embedded else None
+        _check_input_and_output(args, model, vectors)
+        options = _job_options(args, settings, model, vectors, workers)
+        if cluster is None:
+            report = _run_on_fleet(args, settings, options)
+        else:
+            report = _run_embedded(args, settings, options, cluster, workers)
+    summary(report, args.output)
+    return exitcodes.OK
+
+
+def _check_flags(args: argparse.Namespace, embedded: bool) -> None:
+    """Flag combinations that cannot work, and the extras they need; ConfigError naming the flags."""
+    from producer.job.output import output_kind
+    from producer.job.readers import detect_format
+
+    try:
+        kind = output_kind(args.output)
+    except ValueError:
+        raise ConfigError(f"-o {args.output}: name the output .npy or .parquet") from None
+    if args.long == CHUNKS and kind != "parquet":
+        raise ConfigError(
+            f"--long chunks -o {args.output}: one row per window needs the window columns of Parquet; "
+            "name the output .parquet, or use --long chunk-mean for one row per document"
+        )
+    if args.long == CHUNKS and args.precision != "float32":
+        raise ConfigError(
+            f"--long chunks --precision {args.precision}: window rows are written as float32; "
+            "drop --precision, or use --long chunk-mean"
+        )
+    if embedded:
+        extras.require("embedq embed without --broker (the embedded default)", "local")
+    if kind == "parquet":
+        extras.require("embedq embed -o OUTPUT.parquet", "parquet")
+    if detect_format(args.input, args.input_format) == "parquet":
+        extras.require("embedq embed INPUT.parquet", "parquet")
+
+
+def _local_cluster(args: argparse.Namespace, settings: Settings, model: ModelInfo, workers: int) -> LocalCluster:
+    """The embedded Valkey and local workers for this job (not started yet)."""
+    from producer.local.cluster import LocalCluster
+    from workers.protocol.store import parse_store_spec
+
+    results_kind, disk_path = parse_store_spec(args.results)
+    return LocalCluster(
+        # Local workers write disk results only under the folder this command names.
+        settings.replace(
+            model=model.path if model.is_local else settings.model,
+            disk_results_root=str(Path(disk_path).resolve()) if results_kind == "disk" else "",
+        ),
+        concurrency=workers,
+        pool=args.pool,
+    )
+
+
+def _check_input_and_output(args: argparse.Namespace, model: ModelInfo, vectors: dict[str, Any]) -> None:
+    """The checks that read the input: room for the output, and (--on-invalid fail) the first records."""
+    from producer.job.preflight import check_first_records, check_output
+    from producer.job.readers import count_lines
+
     check_output(
         args.output,
         rows_hint=count_lines(args.input, args.input_format) or 0,
@@ -212,8 +264,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
             id_field=args.id_field,
             limit=args.chunk_size,
         )
-    workers = args.workers or default_workers()
-    options = JobOptions(
+
+
+def _job_options(
+    args: argparse.Namespace, settings: Settings, model: ModelInfo, vectors: dict[str, Any], workers: int
+) -> JobOptions:
+    from producer.job.spec import JobOptions
+
+    return JobOptions(
         model=model,
         normalize=args.normalize,
         dtype=settings.dtype,
@@ -233,47 +291,48 @@ def cmd_embed(args: argparse.Namespace) -> int:
         long=args.long,
         **vectors,
     )
-    if not embedded:
-        from workers.protocol.keys import connect, redact
 
-        connect(settings.broker_url).close()  # exit 4 at once when the broker is not there
-        if args.worker_check:
-            consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers, say=say)
-            say(f"{len(consumers)} worker(s) consume {options.queue!r} on {redact(settings.broker_url)}")
-    if embedded:
-        from producer.local.cluster import LocalCluster
 
-        say(f"starting an embedded Valkey and {workers} local worker{'s' if workers > 1 else ''} ({args.pool})")
-        kind, disk_path = parse_store_spec(args.results)
-        from producer.local import state as local_state
+def _run_on_fleet(args: argparse.Namespace, settings: Settings, options: JobOptions) -> JobReport:
+    """The job on running workers (--broker): the broker must answer, and (unless told not to) a worker consume."""
+    from producer.job.preflight import wait_for_consumers
+    from producer.job.runner import Job
+    from workers.protocol.keys import connect, redact
 
-        with LocalCluster(
-            # Local workers write disk results only under the folder this command names.
-            settings.replace(
-                model=model.path if model.is_local else settings.model,
-                disk_results_root=str(Path(disk_path).resolve()) if kind == "disk" else "",
-            ),
-            concurrency=workers,
-            pool=args.pool,
-        ) as cluster:
-            announced = local_state.announce("embed", cluster.broker_url, time.time())
-            job = Job(
-                args.input,
-                args.output,
-                options,
-                settings.replace(broker_url=cluster.broker_url),
-                progress=args.progress,
-                on_idle=cluster.check_alive,
-            )
-            try:
-                report = job.run()
-            finally:
-                local_state.withdraw(announced)
-    else:
-        job = Job(args.input, args.output, options, settings, progress=args.progress)
+    connect(settings.broker_url).close()  # exit 4 at once when the broker is not there
+    if args.worker_check:
+        consumers = wait_for_consumers(settings, options.queue, wait_s=args.wait_for_workers, say=say)
+        say(f"{len(consumers)} worker(s) consume {options.queue!r} on {redact(settings.broker_url)}")
+    return Job(args.input, args.output, options, settings, progress=args.progress).run()
+
+
+def _run_embedded(
+    args: argparse.Namespace, settings: Settings, options: JobOptions, cluster: LocalCluster, workers: int
+) -> JobReport:
+    """The job on the embedded cluster (started, its workers maybe still booting); stops the cluster once done."""
+    from producer.job.runner import Job
+    from producer.local import state as local_state
+
+    say(f"starting an embedded Valkey and {workers} local worker{'s' if workers > 1 else ''} ({args.pool})")
+    announced = local_state.announce("embed", cluster.broker_url, time.time())
+    job = Job(
+        args.input,
+        args.output,
+        options,
+        settings.replace(broker_url=cluster.broker_url),
+        progress=args.progress,
+        on_idle=cluster.check_alive,
+    )
+    try:
         report = job.run()
-    summary(report, args.output)
-    return exitcodes.OK
+    finally:
+        local_state.withdraw(announced)
+    # Finished and written: the workers have nothing left to do and Valkey nothing worth keeping, so both are
+    # killed at once (a warm stop costs 0.6-0.9 s). Unless a second copy of a chunk may still be writing into
+    # a --results disk folder: a warm stop lets it finish and delete what it wrote.
+    second_copies = args.results.startswith("disk:") and report.resent_chunks > 0
+    cluster.stop(at_once=not second_copies)
+    return report
 
 
 def summary(report: Any, output: str) -> None:

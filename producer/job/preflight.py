@@ -1,4 +1,7 @@
-"""Checks the command line runs before it starts any server or worker, so that a mistake costs a second.
+"""Checks the command line runs before it sends any task, so that a mistake costs a second.
+
+The embedded default starts its workers before the checks that read the input or probe the output folder
+(producer/cli/embed.py), so that they boot meanwhile; an error stops them again.
 
 Each raises an EmbedqError whose message names the flag and value the user typed and what to change.
 """
@@ -68,7 +71,7 @@ def check_output(output: str, *, rows_hint: int, dim: int, precision: str = "flo
 
 
 def check_first_records(input_path: str, *, fmt: str, text_field: str, id_field: str, limit: int) -> None:
-    """With --on-invalid fail, a bad record among the first `limit` stops here, before a server or worker starts.
+    """With --on-invalid fail, a bad record among the first `limit` stops here, before any task is sent.
 
     Later records are still checked as the job streams them (producer/job/runner.py, same message); stdin
     cannot be read twice, so it is left to the job.

