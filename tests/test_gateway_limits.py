@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -132,8 +134,9 @@ def test_bytes_that_are_not_http_get_an_openai_shaped_400(fleet: Fleet) -> None:
 
 
 def test_past_the_concurrency_limit_requests_get_429_with_retry_after_and_the_rest_200(fleet: Fleet) -> None:
-    # given a gateway with one slot and one place in line, when 12 clients ask at once (connected first, then all
-    # sending together: a quiet machine otherwise served each thread's request before the next one had started)
+    # given a gateway with one slot and one place in line, and its worker frozen (SIGSTOP, main process and child),
+    # so that the two requests it lets in hold their places however fast this machine embeds (sent together and
+    # unfrozen, a quick machine answered each request before the next one arrived: no 429, a flaky test)
     together = threading.Barrier(12)
 
     def ask(i: int) -> tuple[int, object, str | None]:
@@ -144,14 +147,25 @@ def test_past_the_concurrency_limit_requests_get_429_with_retry_after_and_the_re
             status, headers, payload = response_of(read_until_closed(sock))
             return status, payload, headers.get("retry-after")
 
+    worker = fleet.processes[0]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(ask, range(12)))
-    # then every answer is 200 or 429 with Retry-After, and both happened
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            # when 12 clients ask at once
+            futures = [pool.submit(ask, i) for i in range(12)]
+            # then the ten beyond the slot and the line are answered while the worker cannot have served any
+            assert wait_until(lambda: sum(future.done() for future in futures) >= 10, 30), fleet.output()
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
+        answers = [future.result() for future in futures]
+    # and, once the worker is back, the two that were let in get their vectors
     statuses = sorted(status for status, _, _ in answers)
-    assert set(statuses) == {200, 429}, statuses
+    assert statuses == [200] * 2 + [429] * 10, statuses
     for status, payload, retry_after in answers:
         if status == 429:
             assert retry_after == "1" and payload["error"]["code"] == "gateway_busy", payload  # type: ignore[index]
+        else:
+            assert len(payload["data"]) == 32, payload  # type: ignore[index]
 
 
 def test_past_the_connection_limit_a_request_gets_429_and_the_gateway_recovers(fleet: Fleet) -> None:
