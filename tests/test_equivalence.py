@@ -221,6 +221,30 @@ def test_pooling_and_normalize_flags_do_what_they_say(
         np.testing.assert_allclose(matrix / norms[:, None], default, atol=1e-5)
 
 
+def test_bf16_through_the_workers_is_close_and_the_user_hears_once_when_it_runs_emulated(
+    minilm_broker: Broker, small: tuple[Path, list[str], np.ndarray], tmp_path: Path
+) -> None:
+    # given real sentences in chunks of 8 (four chunks, so a per-chunk message would show four times)
+    source, texts, exact = small
+    out = tmp_path / "bf16.npy"
+    # when a user asks the workers for bf16
+    result = run_embedq(
+        "embed", str(source), "-o", str(out), "--broker", minilm_broker.url, "--chunk-size", "8", "--dtype", "bf16",
+        env={"EMBEDQ_KEY_PREFIX": minilm_broker.prefix},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # then the rows are within bf16's bar of the exact ones, and the manifest says bf16
+    assert _cosines(np.load(out), exact).min() >= MIN_COSINE["bf16"]
+    assert json.loads(Path(f"{out}.manifest.json").read_text())["dtype"] == "bf16"
+    # and on a CPU without native bf16 (emulated, several times slower than fp32) the command says so once,
+    # naming what to use instead; on one with it, nothing is said
+    said = result.stderr.count("runs emulated")
+    if cpu_has_bf16():
+        assert said == 0, result.stderr
+    else:
+        assert said == 1 and "use --dtype auto" in result.stderr, result.stderr
+
+
 def test_a_folder_without_sentence_transformers_files_uses_mean_and_the_models_positions(
     encoder: Encoder, tmp_path: Path
 ) -> None:

@@ -84,7 +84,7 @@ DONE: events.ChunkDone = {
 FAILED: events.ChunkFailed = {"type": "failed", "chunk": 2, "reason": "boom", "quarantined": True, "worker": "h"}
 
 
-@pytest.mark.parametrize("event", [DONE, FAILED], ids=["done", "failed"])
+@pytest.mark.parametrize("event", [DONE, {**DONE, "emulated": True}, FAILED], ids=["done", "done-emulated", "failed"])
 def test_both_chunk_events_survive_the_wire(event: events.ChunkEvent) -> None:
     assert events.parse(json.dumps(event).encode()) == event
 
@@ -95,6 +95,7 @@ def test_both_chunk_events_survive_the_wire(event: events.ChunkEvent) -> None:
         ({**DONE, "rows": "4"}, "field 'rows' must be int"),
         ({k: v for k, v in DONE.items() if k != "dtype"}, "field 'dtype' must be str"),
         ({**FAILED, "quarantined": 1}, "field 'quarantined' must be bool"),
+        ({**DONE, "emulated": "yes"}, "field 'emulated' must be bool"),
         ({**DONE, "type": "started"}, "'type' must be one of done, failed"),
         ([1, 2], "'type' must be one of"),
     ],

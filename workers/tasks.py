@@ -190,6 +190,8 @@ def _embed_and_store(
         "dtype": result.dtype,
         "ms": round((time.perf_counter() - t0) * 1000.0, 1),
     }
+    if result.emulated:
+        meta["emulated"] = True  # bf16 without native support: the producer tells the user (EMULATED_BF16)
     if options.get("long", TRUNCATE) != TRUNCATE:
         # Echoed, so that a producer can tell a worker that knows the policy from an older one that ignored it.
         meta.update(long=options["long"], split=result.split, windows=result.windows)

@@ -101,6 +101,8 @@ class Job:
         self.total_hint = count_lines(input_path, options.input_format)
         self.plan = ChunkPlan(options.chunk_rows, self.total_hint, options.tail_split, options.min_chunk_rows)
         self.progress = Progress(self.total_hint, enabled=progress)
+        #: Whether this job already said that a worker runs bf16 emulated (said once, not per chunk).
+        self._said_emulated = False
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -220,6 +222,9 @@ class Job:
             self._with_broker(lambda: self.store.delete(self.job_id, chunk))
             return
         record = _record(chunk, pending.start, int(event["rows"]), dict(event))
+        if event.get("emulated") and not self._said_emulated:
+            self._said_emulated = True
+            log.warning("worker %s: %s", event["worker"], events.EMULATED_BF16)
         partial.write_chunk(record, stored.array, stored.windows)
         self._settle(chunk, count_done=True)
         self.dispatcher.collected(chunk, float(event.get("ms", 0.0)))

@@ -8,6 +8,7 @@ for every runtime. Nothing here imports a runtime: choosing one is safe in a pre
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Protocol
 
@@ -50,8 +51,9 @@ class Backend(Protocol):
         ...
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 pays off."""
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX), where bf16 pays off (read once per process)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             flags = next((line for line in cpuinfo if line.startswith("flags")), "")

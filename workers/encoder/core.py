@@ -18,12 +18,20 @@ import numpy as np
 
 from workers.encoder.backend import Backend, choose_runtime
 from workers.encoder.batching import pack_by_tokens
-from workers.encoder.device import default_threads, device_type, is_out_of_memory, resolve_device, resolve_dtype
+from workers.encoder.device import (
+    bf16_emulated,
+    default_threads,
+    device_type,
+    is_out_of_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from workers.encoder.prompting import cut, pooling_mask, prompt_length
 from workers.encoder.tokenizer import Tokenizer, load_tokenizer
 from workers.encoder.windows import plan_windows
 from workers.protocol.dimensions import check_dimensions
 from workers.protocol.errors import ConfigError, InputError, ModelError
+from workers.protocol.events import EMULATED_BF16
 from workers.protocol.long_docs import CHUNKS, LONG_POLICIES, TRUNCATE
 from workers.protocol.model_info import ModelInfo
 
@@ -45,6 +53,8 @@ class EncodeResult:
     split: int = 0
     windows: int = 0
     window_table: np.ndarray | None = None
+    #: bf16 ran emulated on a CPU without native bf16 (device.bf16_emulated): the caller should say so.
+    emulated: bool = False
 
 
 def _load_backend(runtime: str, info: ModelInfo, threads: int, uses_token_types: bool, cache_dir: str) -> Backend:
@@ -86,6 +96,7 @@ class Encoder:
         self._tokenizer_lock = threading.Lock()
         self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
+        self._said_emulated = False
         #: Replaced by tests to inject faults into the forward pass (a GPU cannot run here); gets the input ids.
         self.forward_hook: Callable[[np.ndarray], None] | None = None
 
@@ -206,6 +217,10 @@ class Encoder:
             raise ConfigError(f"long {long!r} with a prompt: not supported; use --long truncate or --prompt ''")
         check_dimensions(dimensions, self.dim, self.info.name)
         chosen_dtype = resolve_dtype(dtype, self.device)
+        emulated = bf16_emulated(chosen_dtype, self.device)
+        if emulated and not self._said_emulated:
+            self._said_emulated = True
+            log.warning("%s", EMULATED_BF16)
         backend = self.backend(chosen_dtype)
         limit = max_length or self.info.max_length
         ids, truncated = self.tokenize(texts, limit, prompt)
@@ -230,10 +245,19 @@ class Encoder:
             # As torch.nn.functional.normalize: divide by the norm, never by less than 1e-12.
             output /= np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
         if plan is None:
-            return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype)
+            return EncodeResult(output, sum(lengths), padded, truncated, len(batches), chosen_dtype, emulated=emulated)
         table = plan.table if long == CHUNKS else None
         return EncodeResult(
-            output, sum(lengths), padded, truncated, len(batches), chosen_dtype, plan.split, plan.windows, table
+            output,
+            sum(lengths),
+            padded,
+            truncated,
+            len(batches),
+            chosen_dtype,
+            plan.split,
+            plan.windows,
+            table,
+            emulated=emulated,
         )
 
     def _run_batch(

@@ -60,6 +60,12 @@ def resolve_dtype(requested: str, device: str) -> str:
     return requested
 
 
+def bf16_emulated(dtype: str, device: str) -> bool:
+    """bf16 asked for on a CPU without native bf16: it still runs as asked (torch autocast), but emulated,
+    several times slower than exact fp32 on the same CPU (bench/results.md), which nobody asks bf16 for."""
+    return dtype == "bf16" and device_type(device) == "cpu" and not cpu_has_bf16()
+
+
 def configure_threads(threads: int) -> None:
     """Give this process `threads` intra-op threads (torch's too, now or when it is imported later)."""
     global _configured_threads

@@ -22,7 +22,21 @@ EVENTS_TTL_S = 7 * 24 * 3600
 RESEND_REASONS = ("holder_silent", "straggler_backup", "redis_restarted", "stall", "result_vanished")
 
 
-class ChunkDone(TypedDict):
+#: What the worker logs and the producer prints when a done event says `emulated` (once per child, per job).
+EMULATED_BF16 = (
+    "dtype bf16 on a CPU without native bf16 (avx512_bf16 or AMX) runs emulated, several times slower than fp32 "
+    "there: use --dtype auto (fp32 on such a CPU) or fp32"
+)
+
+
+class _ChunkDoneNotes(TypedDict, total=False):
+    """What a done event says only when it applies (checked when present; older workers never send it)."""
+
+    #: True when bf16 ran emulated on a CPU without native bf16 (workers/encoder/device.py).
+    emulated: bool
+
+
+class ChunkDone(_ChunkDoneNotes):
     """A chunk's rows are in the result store (also the task's return value, which Flower shows)."""
 
     type: Literal["done"]
@@ -79,8 +93,11 @@ def parse(raw: bytes | str) -> ChunkEvent:
     shape = _SHAPES.get(str(event.get("type"))) if isinstance(event, dict) else None
     if shape is None:
         raise BadEvent(f"chunk event {str(raw)[:200]!r}: 'type' must be one of {', '.join(_SHAPES)}")
+    optional: frozenset[str] = getattr(shape, "__optional_keys__", frozenset())
     for name, kind in get_type_hints(shape).items():
-        if name != "type" and not _fits(event.get(name), kind):
+        if name == "type" or (name in optional and name not in event):
+            continue
+        if not _fits(event.get(name), kind):
             raise BadEvent(f"chunk event {str(raw)[:200]!r}: field {name!r} must be {kind.__name__}")
     return event  # type: ignore[no-any-return]
 
