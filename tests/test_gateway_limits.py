@@ -3,10 +3,13 @@
 Two gateways in front of one real worker (tiny BERT): `slow` with 1-second header, body and keep-alive
 timeouts, and `tight` with room for one request in flight, one waiting and 16 connections. Each test
 says what a hostile client does and checks what the gateway answers, or that it closes the socket.
+The last test drives the gateway's admission (producer/serve/limits.py) in-process, a burst within
+one turn of a real event loop, which a socket test can provoke only by chance.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from producer.serve.limits import Admission, Overloaded
 from tests.conftest import Broker, wait_until
 from tests.serving import Fleet, http
 
@@ -195,3 +199,31 @@ def test_past_the_connection_limit_a_request_gets_429_and_the_gateway_recovers(f
             sock.close()
     # and once they are gone, requests are served again
     assert wait_until(lambda: http("GET", f"{fleet.tight}/v1/models")[0] == 200, 10)  # type: ignore[attr-defined]
+
+
+def test_a_burst_within_one_turn_of_the_event_loop_gets_one_slot_one_place_in_line_and_429s() -> None:
+    # given the gateway's admission with one slot and one place in line, and 12 requests that all reach it before
+    # the event loop turns (as a burst of connections read in one go does)
+    async def burst() -> tuple[int, int, int]:
+        admission = Admission(1, 1, max_wait_s=30)
+        release = asyncio.Event()
+        outcomes: list[str] = []
+
+        async def request() -> None:
+            try:
+                async with admission.slot():
+                    outcomes.append("in")
+                    await release.wait()
+            except Overloaded:
+                outcomes.append("429")
+
+        tasks = [asyncio.create_task(request()) for _ in range(12)]
+        for _ in range(50):  # a few turns of the loop: every request has been let in, queued or refused
+            await asyncio.sleep(0)
+        refused, inside = outcomes.count("429"), outcomes.count("in")
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return refused, inside, outcomes.count("in")
+
+    # then one is inside, one waits, ten are refused at once; the one waiting gets in once the first is done
+    assert asyncio.run(burst()) == (10, 1, 2)

@@ -67,20 +67,26 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one slot for the block; Overloaded when the line is full."""
-        if self._slots.locked() and self.waiting >= self.max_waiting:
-            raise Overloaded(
-                f"the gateway has {self.max_active} requests in flight and {self.waiting} waiting "
-                f"(limits --max-concurrency {self.max_active}, --max-waiting {self.max_waiting}); retry shortly"
-            )
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.max_wait_s)
-        except TimeoutError:
-            raise Overloaded(
-                f"no free slot within {self.max_wait_s:g} s ({self.max_active} requests in flight); retry shortly"
-            ) from None
-        finally:
-            self.waiting -= 1
+        if not self._slots.locked():
+            # A free slot is taken here and now: Semaphore.acquire does not yield while one is free. (Through
+            # wait_for, Python 3.11 defers the acquire to a task of its own, so a burst read in one turn of the
+            # event loop all saw the slot free and all queued: 12 requests, 0 refused, with 1 slot and 1 place.)
+            await self._slots.acquire()
+        else:
+            if self.waiting >= self.max_waiting:
+                raise Overloaded(
+                    f"the gateway has {self.max_active} requests in flight and {self.waiting} waiting "
+                    f"(limits --max-concurrency {self.max_active}, --max-waiting {self.max_waiting}); retry shortly"
+                )
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.max_wait_s)
+            except TimeoutError:
+                raise Overloaded(
+                    f"no free slot within {self.max_wait_s:g} s ({self.max_active} requests in flight); retry shortly"
+                ) from None
+            finally:
+                self.waiting -= 1
         try:
             yield
         finally:
