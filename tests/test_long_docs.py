@@ -17,17 +17,25 @@ import numpy as np
 import pytest
 
 from producer.cli import exitcodes
+from producer.client import EmbedClient
 from producer.job.output import ChunkRecord
 from producer.job.window_output import WindowOutput, unsupported
 from producer.local.embedded_redis import EmbeddedRedis
 from tests.conftest import Broker, WorkerFactory, run_embedq, wait_until, write_texts_jsonl
+from tests.serving import Fleet
 from workers.encoder import Encoder
-from workers.protocol.long_docs import window_spans
+from workers.protocol.long_docs import (
+    CHUNK_MEAN,
+    CHUNKS,
+    TRUNCATE,
+    LongPolicyUnsupported,
+    check_request_long,
+    window_spans,
+)
 from workers.protocol.model_info import resolve_model
 
 MAX_LENGTH = 32
 WINDOW = MAX_LENGTH - 2  # content tokens between [CLS] and [SEP]
-STEP = WINDOW - WINDOW // 4  # the documented overlap: a quarter of the window
 TEXTS = [
     "a short sentence",
     "alpha beta " * 40,  # 80 tokens: 4 windows
@@ -94,18 +102,19 @@ class Reference:
         return np.array(rows)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_bert: Path) -> Reference:
+def window_reference(tiny_bert: Path, texts: list[str], window: int) -> Reference:
+    """Each text's windows of `window` content tokens, overlapping by a quarter, embedded one by one."""
     import torch
     from transformers import AutoTokenizer, BertModel
 
+    step = window - window // 4
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
     model = BertModel.from_pretrained(str(tiny_bert)).eval()
     spans_of, vectors_of = [], []
-    for text in TEXTS:
+    for text in texts:
         tokens = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
-        starts = range(0, max(1, len(tokens) - WINDOW + STEP), STEP) if len(tokens) > WINDOW else [0]
-        spans = [(start, min(start + WINDOW, len(tokens))) for start in starts]
+        starts = range(0, max(1, len(tokens) - window + step), step) if len(tokens) > window else [0]
+        spans = [(start, min(start + window, len(tokens))) for start in starts]
         vectors = []
         for start, end in spans:
             ids = torch.tensor([[tokenizer.cls_token_id, *tokens[start:end], tokenizer.sep_token_id]])
@@ -115,6 +124,11 @@ def reference(tiny_bert: Path) -> Reference:
         spans_of.append(spans)
         vectors_of.append(np.array(vectors))
     return Reference(spans_of, vectors_of)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert: Path) -> Reference:
+    return window_reference(tiny_bert, TEXTS, WINDOW)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -128,6 +142,15 @@ def test_windows_overlap_by_a_quarter_and_end_at_the_text_end() -> None:
     # and a worker that predates the policy (it echoes none) is refused rather than silently truncating
     assert unsupported("chunk-mean", {"worker": "w1"}, None).startswith("its worker (w1) does not know --long")
     assert unsupported("chunks", {"long": "chunks"}, None) and not unsupported("truncate", {}, None)
+    # and a request (one vector back per text) cannot ask for window rows, an unknown policy, or windows and a prompt
+    with pytest.raises(LongPolicyUnsupported, match="one vector per text: use long='chunk-mean'"):
+        check_request_long(CHUNKS, None)
+    with pytest.raises(LongPolicyUnsupported, match="'sliding': choose one of truncate, chunk-mean"):
+        check_request_long("sliding", None)
+    with pytest.raises(LongPolicyUnsupported, match="windows take no prompt yet"):
+        check_request_long(CHUNK_MEAN, "query: ")
+    check_request_long(CHUNK_MEAN, "")
+    check_request_long(TRUNCATE, "query: ")
 
 
 def test_chunk_mean_matches_the_window_by_window_reference_and_short_texts_are_unchanged(
@@ -255,3 +278,60 @@ def test_window_output_resumes_cuts_an_unlogged_tail_and_writes_document_order(t
     assert table.column("token_start").to_pylist() == [0, 0, 0, 0, 23]
     np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist()), np.concatenate([first, second]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.parquet", "w.parquet.manifest.json"]
+
+
+#: Over the tiny BERT's own limit (128 positions): requests have no --max-length, they get the model's.
+#: Each long text changes after its first window, so that its windows' mean is far from its truncated row.
+LONG_TEXTS = [
+    "a short sentence",
+    "alpha beta " * 60 + "gamma delta " * 60,
+    "the quick brown fox jumps over the lazy dog. " * 10 + "pack my box with five dozen liquor jugs. " * 10,
+]
+
+
+def test_the_clients_and_the_gateway_embed_long_texts_in_windows_as_the_command_does(
+    served: Served, tiny_bert: Path, tmp_path: Path
+) -> None:
+    import openai
+
+    info = resolve_model(str(tiny_bert))
+    reference = window_reference(tiny_bert, LONG_TEXTS, info.max_length - 2)
+    split = [i for i, spans in enumerate(reference.spans) if len(spans) > 1]
+    assert split == [1, 2]
+    settings = served.broker.settings(model=str(tiny_bert))
+    # given a Python client, and a gateway on the same worker (its cache on, as by default)
+    fleet = Fleet(served.broker.url, tiny_bert, tmp_path, prefix=served.broker.prefix)
+    try:
+        base = fleet.start_gateway("--timeout", "60")
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=90)
+        with EmbedClient(settings=settings) as client:
+            # when the client asks for chunk-mean, and then for the default
+            mean = client.embed(LONG_TEXTS, timeout=60, long=CHUNK_MEAN)
+            cut = client.embed(LONG_TEXTS, timeout=60)
+            # then the long texts are the token-weighted mean of their windows, the short one is unchanged
+            assert _cosines(mean, reference.chunk_mean()).min() >= 0.99999
+            np.testing.assert_allclose(mean[0], cut[0], atol=1e-6)
+            assert _cosines(mean[split], cut[split]).max() < 0.9999
+            # and a policy a request cannot get is refused before anything is sent
+            with pytest.raises(LongPolicyUnsupported, match="one vector per text"):
+                client.embed(LONG_TEXTS, long=CHUNKS)
+
+        def gateway(**extra: object) -> np.ndarray:
+            response = api.embeddings.create(input=LONG_TEXTS, model=info.name, encoding_format="float", **extra)  # type: ignore[arg-type]
+            return np.array([row.embedding for row in response.data], dtype=np.float32)
+
+        # when the openai package sends the default first (so that its vectors are cached), then `long` as an
+        # extra field
+        gateway_cut = gateway()
+        gateway_mean = gateway(extra_body={"long": CHUNK_MEAN})
+        # then each is what the client got: the cache keeps the two policies apart
+        np.testing.assert_allclose(gateway_cut, cut, atol=1e-5)
+        np.testing.assert_allclose(gateway_mean, mean, atol=1e-5)
+        # and a policy the gateway cannot answer is one 400 naming the field
+        with pytest.raises(openai.BadRequestError, match="one vector per text") as refused:
+            gateway(extra_body={"long": CHUNKS})
+        assert (refused.value.body["param"], refused.value.body["code"]) == ("long", "long_unsupported")  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError, match="'long' must be a string"):
+            gateway(extra_body={"long": 3})
+    finally:
+        fleet.stop()

@@ -18,6 +18,7 @@ import redis.asyncio as aredis
 from producer.serve.client import _ClientBase
 from producer.serve.client_core import _Request
 from workers.protocol import events
+from workers.protocol.long_docs import TRUNCATE
 from workers.protocol.queues import queue_depth_async
 from workers.protocol.store import decode_result
 
@@ -56,11 +57,12 @@ class AsyncEmbedClient(_ClientBase):
         prompt_name: str | None = None,
         prompt: str | None = None,
         dimensions: int | None = None,
+        long: str = TRUNCATE,
     ) -> np.ndarray:
         """Embed `texts` -> float32 (n, dim); see `EmbedClient.embed` for the options, `embed_with_usage` for
         the token count too."""
         matrix, _ = await self.embed_with_usage(
-            texts, timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions
+            texts, timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions, long=long
         )
         return matrix
 
@@ -72,10 +74,11 @@ class AsyncEmbedClient(_ClientBase):
         prompt_name: str | None = None,
         prompt: str | None = None,
         dimensions: int | None = None,
+        long: str = TRUNCATE,
     ) -> tuple[np.ndarray, int]:
         """The matrix and the tokens the workers embedded for it (cached texts cost none)."""
         core = self._core
-        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions, long))
         await self.check_served()
         cache_changes: dict[str, int] = {}
         if core.cache is not None and request.unique:

@@ -47,7 +47,7 @@ class EmbeddingCache:
         self._namespace = self.namespace()
 
     def namespace(self, extra: Mapping[str, Any] | None = None) -> str:
-        """One short digest of model and options (with a request's own, such as prompt and dimensions), so
+        """One short digest of model and options (with a request's own, such as prompt, dimensions and long), so
         that each text key stays short."""
         options = {**self._options, **(extra or {})}
         identity = json.dumps({"model": self._model, "options": options}, sort_keys=True, separators=(",", ":"))

@@ -38,6 +38,7 @@ from workers.protocol.errors import (
     RequestTimeout,
 )
 from workers.protocol.keys import Keys, connect
+from workers.protocol.long_docs import TRUNCATE
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.queues import queue_depth
 from workers.protocol.store import RedisStore
@@ -111,12 +112,17 @@ class _ClientBase:
         return self._core.model
 
     def check_options(
-        self, prompt_name: str | None = None, prompt: str | None = None, dimensions: int | None = None
+        self,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        dimensions: int | None = None,
+        long: str = TRUNCATE,
     ) -> dict[str, Any]:
-        """The task options a request with these arguments would send (its resolved prompt text and
-        dimensions); UnknownPrompt or DimensionsUnsupported (both ConfigError) now, before anything is sent."""
+        """The task options a request with these arguments would send (its resolved prompt text, dimensions and
+        long-text policy); UnknownPrompt, DimensionsUnsupported or LongPolicyUnsupported (all ConfigError) now,
+        before anything is sent."""
         self._core.describe_again()
-        return request_options(self._core.model, self._core.dim, prompt_name, prompt, dimensions)
+        return request_options(self._core.model, self._core.dim, prompt_name, prompt, dimensions, long)
 
     @property
     def dim(self) -> int:
@@ -161,14 +167,18 @@ class EmbedClient(_ClientBase):
         prompt_name: str | None = None,
         prompt: str | None = None,
         dimensions: int | None = None,
+        long: str = TRUNCATE,
     ) -> np.ndarray:
         """Embed `texts` (a string counts as one text) -> float32 (n, dim), rows in input order.
 
         `prompt_name`: one of the folder's sentence-transformers prompts (else `prompt`, a text of your own, else
-        its default); `dimensions`: the first N components, normalised unless normalize=False. Workers drop the
-        chunks they reach after `timeout`.
+        its default); `dimensions`: the first N components, normalised unless normalize=False; `long`: a text
+        over the model's max length is cut (`truncate`) or embedded in overlapping windows averaged into its row
+        (`chunk-mean`), as `embedq embed --long`. Workers drop the chunks they reach after `timeout`.
         """
-        handle = self.submit(texts, expires_s=timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions)
+        handle = self.submit(
+            texts, expires_s=timeout, prompt_name=prompt_name, prompt=prompt, dimensions=dimensions, long=long
+        )
         return handle.result(timeout)
 
     def submit(
@@ -179,14 +189,16 @@ class EmbedClient(_ClientBase):
         prompt_name: str | None = None,
         prompt: str | None = None,
         dimensions: int | None = None,
+        long: str = TRUNCATE,
     ) -> EmbedHandle:
-        """Send the request and return at once; InvalidRecords if any text is not a valid string, UnknownPrompt
-        or DimensionsUnsupported (both ConfigError) for a prompt name or width the model does not have.
+        """Send the request and return at once; InvalidRecords if any text is not a valid string, UnknownPrompt,
+        DimensionsUnsupported or LongPolicyUnsupported (all ConfigError) for a prompt name, width or long-text
+        policy the request cannot get.
 
         With `expires_s`, workers drop the request's chunks they reach only after that many seconds, unrun.
         """
         core = self._core
-        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions))
+        request = core.plan(texts, self.check_options(prompt_name, prompt, dimensions, long))
         if core.served.stale(core.model.name):
             core.served.read(self.redis)
         core.check_served()

@@ -78,7 +78,7 @@ class _Request:
     chunks: dict[int, list[int]] = field(default_factory=dict)
     tokens: int = 0
     failures: list[str] = field(default_factory=list)
-    #: This request's own task options (prompt, dimensions): part of its cache keys.
+    #: This request's own task options (prompt, dimensions, long): part of its cache keys.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Hashable
 
 import numpy as np
 
-#: embed(texts, timeout_s, variant): `variant` is what requests must share to share a batch (prompt, dimensions).
+#: embed(texts, timeout_s, variant): `variant` is what requests must share to share a batch (prompt, dimensions, long).
 EmbedFn = Callable[[list[str], float, Hashable], Awaitable[tuple[np.ndarray, int]]]
 _Pending = list[tuple[list[str], "asyncio.Future[tuple[np.ndarray, int]]"]]
 

@@ -1,7 +1,7 @@
 """The HTTP gateway: OpenAI's embeddings API in front of the worker fleet (`embedq serve`).
 
     POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64",
-                           "dimensions": N, "prompt_name": NAME}
+                           "dimensions": N, "prompt_name": NAME, "long": "truncate" | "chunk-mean"}
     GET  /v1/models       every model some live worker serves (producer/serve/model_clients.py)
     GET  /health          200 when the broker answers, a worker replies to a ping and one has loaded its model
     GET  /metrics         Prometheus: embedq's fleet counters and the gateway's own request timings
@@ -39,6 +39,7 @@ from workers.protocol.config import Settings
 from workers.protocol.dimensions import DimensionsUnsupported
 from workers.protocol.errors import ConfigError, InvalidRecords, JobFailed, ModelNotServed, QueueFull, RequestTimeout
 from workers.protocol.keys import connect, redact
+from workers.protocol.long_docs import TRUNCATE, LongPolicyUnsupported
 
 MIB = 1 << 20
 #: Redis connections beyond one per request in flight: /health, /metrics and the cache's pipelines.
@@ -118,18 +119,23 @@ def parse_options(body: dict[str, Any]) -> tuple[str, int | None]:
 def request_variant(
     client: AsyncEmbedClient, body: dict[str, Any], dimensions: int | None
 ) -> tuple[tuple[str, Any], ...]:
-    """The request's `prompt_name` and `dimensions` as keyword pairs for the client, checked now (a clear 400)
-    so that one bad request never fails the others coalesced with it."""
+    """The request's `prompt_name`, `dimensions` and `long` as keyword pairs for the client, checked now (a clear
+    400) so that one bad request never fails the others coalesced with it."""
     prompt_name = body.get("prompt_name")
     if prompt_name is not None and not isinstance(prompt_name, str):
         raise ApiError(400, f"'prompt_name' must be a string, got {type(prompt_name).__name__}", param="prompt_name")
+    long = body.get("long") or TRUNCATE
+    if not isinstance(long, str):
+        raise ApiError(400, f"'long' must be a string, got {type(long).__name__}", param="long")
     try:
-        client.check_options(prompt_name=prompt_name, dimensions=dimensions)
+        client.check_options(prompt_name=prompt_name, dimensions=dimensions, long=long)
     except DimensionsUnsupported as error:
         raise ApiError(400, str(error), param="dimensions", code="dimensions_unsupported") from None
+    except LongPolicyUnsupported as error:
+        raise ApiError(400, str(error), param="long", code="long_unsupported") from None
     except ConfigError as error:
         raise ApiError(400, str(error), param="prompt_name", code="prompt_name_unknown") from None
-    return (("prompt_name", prompt_name), ("dimensions", dimensions))
+    return (("prompt_name", prompt_name), ("dimensions", dimensions), ("long", long))
 
 
 def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:

@@ -51,7 +51,7 @@ class ModelClients:
     @staticmethod
     def _entry(client: AsyncEmbedClient) -> ModelClient:
         async def embed_variant(texts: list[str], timeout_s: float, variant: Hashable) -> tuple[np.ndarray, int]:
-            # Requests coalesce only with those of the same variant (prompt, dimensions): gateway.request_variant.
+            # Requests coalesce only with those of the same variant (prompt, dimensions, long): gateway.request_variant.
             options = dict(cast(tuple[tuple[str, Any], ...], variant))
             return await client.embed_with_usage(texts, timeout=timeout_s, **options)
 

@@ -1,7 +1,8 @@
-"""A web request's own task options: the prompt it resolves to and the dimensions it keeps.
+"""A web request's own task options: the prompt it resolves to, the dimensions it keeps, its long-text policy.
 
-Both clients and the gateway call this before anything is sent, so that an unknown prompt name or
-too many dimensions is one clear error (a ConfigError, HTTP 400) rather than a failed chunk. The
+Both clients and the gateway call this before anything is sent, so that an unknown prompt name, too
+many dimensions or a long-text policy it cannot get is one clear error (a ConfigError, HTTP 400)
+rather than a failed chunk. The
 options become part of the request's cache keys (producer/serve/cache.py), and the worker acts on
 them (workers/encoder/prompting.py).
 """
@@ -11,16 +12,23 @@ from __future__ import annotations
 from typing import Any
 
 from workers.protocol.dimensions import check_dimensions
+from workers.protocol.long_docs import TRUNCATE, check_request_long
 from workers.protocol.model_info import ModelInfo
 from workers.protocol.prompts import UnknownPrompt, resolve_prompt
 
 
 def request_options(
-    model: ModelInfo, width: int, prompt_name: str | None, prompt: str | None, dimensions: int | None
+    model: ModelInfo,
+    width: int,
+    prompt_name: str | None,
+    prompt: str | None,
+    dimensions: int | None,
+    long: str = TRUNCATE,
 ) -> dict[str, Any]:
-    """`{"prompt": text, "dimensions": n}`, each only when it changes anything; `width` 0 is "not known yet".
+    """`{"prompt": text, "dimensions": n, "long": policy}`, each only when it changes anything; `width` 0 is
+    "not known yet".
 
-    UnknownPrompt or DimensionsUnsupported (both ConfigError).
+    UnknownPrompt, DimensionsUnsupported or LongPolicyUnsupported (all ConfigError).
     """
     extra: dict[str, Any] = {}
     if model.pooling:  # described (folder or fleet): its prompts are known, the default included
@@ -38,4 +46,7 @@ def request_options(
     cut = check_dimensions(dimensions, width, model.name)
     if cut is not None and cut != width:
         extra["dimensions"] = cut
+    check_request_long(long, extra.get("prompt"))
+    if long != TRUNCATE:  # only then, so that the cache keys of truncating requests stay as they were
+        extra["long"] = long
     return extra

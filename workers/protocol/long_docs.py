@@ -12,10 +12,16 @@ and `token_end` (the window's span in the text's own tokens, special tokens not 
 
 from __future__ import annotations
 
+from workers.protocol.errors import ConfigError
+
 TRUNCATE = "truncate"
 CHUNK_MEAN = "chunk-mean"
 CHUNKS = "chunks"
 LONG_POLICIES = (TRUNCATE, CHUNK_MEAN, CHUNKS)
+
+#: What a request that gets one vector per text may ask for (the Python clients, the HTTP gateway): `chunks`
+#: makes several rows per text, which only `embedq embed` to a Parquet file can hold.
+ONE_ROW_POLICIES = (TRUNCATE, CHUNK_MEAN)
 
 #: Columns of the window table, in order.
 WINDOW_COLUMNS = ("document", "window", "token_start", "token_end")
@@ -39,3 +45,27 @@ def window_spans(length: int, window_tokens: int) -> list[tuple[int, int]]:
         start = spans[-1][0] + step
         spans.append((start, min(length, start + window_tokens)))
     return spans
+
+
+class LongPolicyUnsupported(ConfigError):
+    """Raised when a request asks for a long-document policy it cannot get: unknown, `chunks` (several rows per
+    text, where a request gets one vector per text), or windows together with a prompt."""
+
+
+def check_request_long(long: str, prompt: str | None) -> None:
+    """Refuse, before anything is sent, a `long` policy a request (one vector back per text) cannot get as asked.
+
+    `prompt` is the prompt text the request resolved to: windows take no prompt yet (as `embedq embed --long`).
+    """
+    if long == CHUNKS:
+        raise LongPolicyUnsupported(
+            "long='chunks' makes one row per window, but a request gets one vector per text: use "
+            "long='chunk-mean', or `embedq embed --long chunks` to a .parquet file"
+        )
+    if long not in ONE_ROW_POLICIES:
+        raise LongPolicyUnsupported(f"long={long!r:.40}: choose one of {', '.join(ONE_ROW_POLICIES)}")
+    if long != TRUNCATE and prompt:
+        raise LongPolicyUnsupported(
+            f"long={long!r} with a prompt: windows take no prompt yet; use long='truncate', or prompt='' to "
+            "embed without one"
+        )
