@@ -2,9 +2,8 @@
 
 Both clients and the gateway call this before anything is sent, so that an unknown prompt name, too
 many dimensions or a long-text policy it cannot get is one clear error (a ConfigError, HTTP 400)
-rather than a failed chunk. The
-options become part of the request's cache keys (producer/serve/cache.py), and the worker acts on
-them (workers/encoder/prompting.py).
+rather than a failed chunk. The options become part of the request's cache keys
+(producer/serve/cache.py), and the worker acts on them (workers/encoder/prompting.py, windows.py).
 """
 
 from __future__ import annotations
