@@ -192,6 +192,32 @@ def test_the_openai_package_gets_prompt_name_and_dimensions(fleet: Fleet, st_fol
     assert too_wide.value.body["code"] == "dimensions_unsupported"  # type: ignore[index]
 
 
+def test_the_gateway_takes_a_prompt_text_and_windows_once_the_default_prompt_is_cleared(
+    fleet: Fleet, st_folder: Path, st: SentenceTransformer
+) -> None:
+    model = resolve_model(str(st_folder)).name
+
+    def gateway(**extra: object) -> np.ndarray:
+        response = api(fleet).embeddings.create(input=TEXTS, model=model, encoding_format="float", extra_body=extra)
+        return np.array([row.embedding for row in response.data], dtype=np.float32)
+
+    # when the openai package sends a prompt text of its own, as sentence-transformers' prompt=
+    # then the vectors are ST's with that prompt
+    assert cosines(gateway(prompt="passage: "), st.encode(TEXTS, prompt="passage: ")).min() >= MIN_COS
+    # and long documents in windows are refused while the folder's default prompt applies, naming the way out
+    with pytest.raises(openai.BadRequestError, match="windows take no prompt yet") as refused:
+        gateway(long="chunk-mean")
+    assert refused.value.body["param"] == "long"  # type: ignore[index]
+    # and served with the prompt cleared: these texts fit the model, so each is its one window, ST's bare row
+    assert cosines(gateway(long="chunk-mean", prompt=""), st.encode(TEXTS, prompt="")).min() >= MIN_COS
+    # and a prompt with a prompt name, or a prompt that is not text, is one 400 naming the field
+    with pytest.raises(openai.BadRequestError, match="'prompt_name' or 'prompt', not both") as both:
+        gateway(prompt="x", prompt_name="doc")
+    assert both.value.body["param"] == "prompt"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="'prompt' must be a string"):
+        gateway(prompt=["x"])
+
+
 def test_embed_cuts_and_prompts_a_corpus_and_records_both(fleet: Fleet, st_folder: Path, tmp_path: Path) -> None:
     corpus = write_texts_jsonl(tmp_path / "corpus.jsonl", TEXTS)
     env = fleet.env()

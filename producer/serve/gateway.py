@@ -1,7 +1,7 @@
 """The HTTP gateway: OpenAI's embeddings API in front of the worker fleet (`embedq serve`).
 
     POST /v1/embeddings   {"input": "text" | ["text", ...], "model": ..., "encoding_format": "float" | "base64",
-                           "dimensions": N, "prompt_name": NAME, "long": "truncate" | "chunk-mean"}
+                           "dimensions": N, "prompt_name": NAME | "prompt": TEXT, "long": "truncate" | "chunk-mean"}
     GET  /v1/models       every model some live worker serves (producer/serve/model_clients.py)
     GET  /health          200 when the broker answers, a worker replies to a ping and one has loaded its model
     GET  /metrics         Prometheus: embedq's fleet counters and the gateway's own request timings
@@ -119,23 +119,30 @@ def parse_options(body: dict[str, Any]) -> tuple[str, int | None]:
 def request_variant(
     client: AsyncEmbedClient, body: dict[str, Any], dimensions: int | None
 ) -> tuple[tuple[str, Any], ...]:
-    """The request's `prompt_name`, `dimensions` and `long` as keyword pairs for the client, checked now (a clear
-    400) so that one bad request never fails the others coalesced with it."""
+    """The request's `prompt_name` or `prompt`, `dimensions` and `long` as keyword pairs for the client, checked
+    now (a clear 400) so that one bad request never fails the others coalesced with it."""
     prompt_name = body.get("prompt_name")
     if prompt_name is not None and not isinstance(prompt_name, str):
         raise ApiError(400, f"'prompt_name' must be a string, got {type(prompt_name).__name__}", param="prompt_name")
+    # A prompt text of the caller's own, as sentence-transformers' `prompt=`; "" embeds with none (the folder's
+    # default prompt included).
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ApiError(400, f"'prompt' must be a string, got {type(prompt).__name__}", param="prompt")
+    if prompt is not None and prompt_name is not None:
+        raise ApiError(400, "send 'prompt_name' or 'prompt', not both", param="prompt")
     long = body.get("long") or TRUNCATE
     if not isinstance(long, str):
         raise ApiError(400, f"'long' must be a string, got {type(long).__name__}", param="long")
     try:
-        client.check_options(prompt_name=prompt_name, dimensions=dimensions, long=long)
+        client.check_options(prompt_name=prompt_name, prompt=prompt, dimensions=dimensions, long=long)
     except DimensionsUnsupported as error:
         raise ApiError(400, str(error), param="dimensions", code="dimensions_unsupported") from None
     except LongPolicyUnsupported as error:
         raise ApiError(400, str(error), param="long", code="long_unsupported") from None
     except ConfigError as error:
         raise ApiError(400, str(error), param="prompt_name", code="prompt_name_unknown") from None
-    return (("prompt_name", prompt_name), ("dimensions", dimensions), ("long", long))
+    return (("prompt_name", prompt_name), ("prompt", prompt), ("dimensions", dimensions), ("long", long))
 
 
 def encode_rows(matrix: np.ndarray, encoding_format: str) -> list[Any]:
