@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from producer.job.chunk_plan import ChunkPlan
-from producer.job.dispatcher import SPECULATION_MULTIPLIER, straggler_threshold_s
+from producer.job.dispatcher import SPECULATION_MULTIPLIER, Holding, straggler_threshold_s
 from producer.job.record import RUNNING, JobRecord
 from producer.job.status import job_status
 
@@ -57,6 +57,24 @@ def test_a_tail_chunk_is_a_straggler_only_against_the_time_of_its_own_size() -> 
     assert straggler_threshold_s(full) > full
     assert straggler_threshold_s(full) == pytest.approx(SPECULATION_MULTIPLIER * full)
     assert straggler_threshold_s(tail) < full  # a tail chunk running as long as a full one is late
+
+
+def test_only_a_copy_whose_lease_is_being_renewed_counts_as_running_for_a_backup() -> None:
+    # A child that dies on its chunk (a poison text, the OOM killer) leaves a lease that is never renewed
+    # until Redis expires it; a backup copy of it would only kill another child (seen in CI: 5 deaths, not 3).
+    interval_s = 2.0
+    started = {"pid": 10, "started": 1000.0, "renewals": 0}
+    holding = Holding(seen=0.0, record=started, renewed=0.0)
+    for now in (1.0, 3.0, 9.0):
+        holding = holding.update(now, dict(started))
+        assert not holding.renewing(now, interval_s), now
+    # its holder renews: running, and timed from when it was first seen
+    holding = holding.update(10.0, {**started, "renewals": 1})
+    assert holding.renewing(10.0, interval_s) and holding.seen == 0.0
+    assert holding.renewing(14.0, interval_s) and not holding.renewing(14.5, interval_s)  # then it went silent
+    # a redelivery to a new child starts a new holding, timed from then
+    again = holding.update(20.0, {"pid": 11, "started": 1019.5, "renewals": 0})
+    assert again.seen == 20.0 and not again.renewing(20.0, interval_s)
 
 
 def test_status_of_a_running_job_counts_the_chunks_of_its_plan() -> None:

@@ -26,12 +26,11 @@ from typing import Any
 
 import redis
 
+from workers.protocol.config import LEASE_RENEWALS_PER_TTL
 from workers.protocol.keys import Keys
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
-#: Renewals per lease lifetime: four may be missed before the lease expires.
-RENEWALS_PER_TTL = 5
 
 
 class ChunkLease:
@@ -43,7 +42,7 @@ class ChunkLease:
         self.client = client
         self.key = keys.lease(job, chunk, attempt)
         self.ttl_ms = int(ttl_s * 1000)
-        self.interval_s = ttl_s / RENEWALS_PER_TTL
+        self.interval_s = ttl_s / LEASE_RENEWALS_PER_TTL
         self.record: dict[str, Any] = {
             "host": HOST,
             "worker": worker,

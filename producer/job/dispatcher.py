@@ -31,6 +31,7 @@ from producer.job import record as job_record
 from producer.job.broker import send_chunk, task_id_for
 from producer.job.spec import JobOptions
 from workers.protocol import events
+from workers.protocol.config import LEASE_RENEWALS_PER_TTL
 from workers.protocol.errors import JobFailed
 from workers.protocol.keys import Keys
 from workers.protocol.liveness import live_workers
@@ -63,6 +64,30 @@ def straggler_threshold_s(median_s: float) -> float:
 
 
 @dataclass
+class Holding:
+    """A copy's lease as the producer sees it: since when its current holder runs it, and whether it is renewed."""
+
+    #: When the producer first saw this holder's lease (a redelivery to a new child starts a new holding).
+    seen: float
+    record: dict[str, Any]
+    #: When the producer last saw the renewal count rise (or the holder appear).
+    renewed: float
+
+    def update(self, now: float, record: dict[str, Any]) -> Holding:
+        """The holding after reading `record`: the same holder renewing, or a new one starting the copy again."""
+        if (record.get("pid"), record.get("started")) != (self.record.get("pid"), self.record.get("started")):
+            return Holding(seen=now, record=record, renewed=now)
+        renewed = now if record.get("renewals") != self.record.get("renewals") else self.renewed
+        return Holding(seen=self.seen, record=record, renewed=renewed)
+
+    def renewing(self, now: float, interval_s: float) -> bool:
+        """True when its holder has renewed at least once and not missed much more than one renewal since:
+        it is alive and working. A child that died on the chunk (a poison text, the OOM killer) never
+        renews, and neither does a frozen one: neither is a straggler a backup copy could overtake."""
+        return int(self.record.get("renewals") or 0) > 0 and now - self.renewed <= 2 * interval_s
+
+
+@dataclass
 class Pending:
     """A chunk sent and not yet collected, with every copy (attempt) of it that may still be running."""
 
@@ -73,8 +98,8 @@ class Pending:
     sends: int = 1
     #: attempt -> when its copy was sent
     attempts: dict[int, float] = field(default_factory=dict)
-    #: attempt -> (when its lease was first seen, the lease record), while it is seen
-    held: dict[int, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    #: attempt -> its lease as last seen, while it is seen
+    held: dict[int, Holding] = field(default_factory=dict)
     backup: bool = False
     #: attempt -> when its lease was found gone while its worker main process still looked alive
     suspect: dict[int, float] = field(default_factory=dict)
@@ -228,9 +253,9 @@ class Dispatcher:
         queue_empty: bool | None = None
         for (pending, attempt), value in zip(copies, raw, strict=True):
             if value is not None:
-                if attempt not in pending.held:
-                    pending.held[attempt] = (now, {})
-                pending.held[attempt] = (pending.held[attempt][0], json.loads(value))
+                record = json.loads(value)
+                holding = pending.held.get(attempt)
+                pending.held[attempt] = holding.update(now, record) if holding else Holding(now, record, now)
                 pending.suspect.pop(attempt, None)
                 continue
             if attempt in pending.held:
@@ -238,7 +263,7 @@ class Dispatcher:
                 waiting = self._chunks_with_events() if waiting is None else waiting
                 if pending.index in waiting:
                     continue
-                holder = pending.held[attempt][1]
+                holder = pending.held[attempt].record
                 # A pool child that died on a live worker is requeued by Celery itself (reject on worker
                 # lost) and counted towards quarantine: wait for that, unless the worker goes too, or the
                 # copy stays unheld for two lease lifetimes (a child hung without the GIL).
@@ -275,12 +300,14 @@ class Dispatcher:
         if self.chunks_done < SPECULATION_QUANTILE * total_chunks:
             return
         per_row_s = statistics.median(self.done_ms_per_row) / 1000.0
+        renewal_s = self.lease_ttl_s / LEASE_RENEWALS_PER_TTL
         for pending in list(self.pending.values()):
-            if pending.backup or not pending.held:
+            renewing = [h for h in pending.held.values() if h.renewing(now, renewal_s)]
+            if pending.backup or not renewing:
                 continue
             median_s = per_row_s * len(pending.texts)  # the typical time of a chunk of this size
             threshold_s = straggler_threshold_s(median_s)
-            running_s = now - min(seen for seen, _ in pending.held.values())
+            running_s = now - min(h.seen for h in renewing)
             if running_s > threshold_s and not self._crashed_before(pending):
                 self.resend(
                     pending,

@@ -25,6 +25,9 @@ POOLINGS = ("auto", "cls", "mean", "max")
 TASK_EMBED_CHUNK = "embedq.embed_chunk"
 TASK_PING = "embedq.ping"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: A chunk's lease is renewed this many times per lease lifetime (workers/lease.py): four may be missed
+#: before it expires, and the producer tells a running copy from a dead one by its renewals.
+LEASE_RENEWALS_PER_TTL = 5
 
 
 def _bool(raw: str) -> bool:
