@@ -1,12 +1,19 @@
-"""bound_native_memory: the caches that made a long bf16 job's worker child grow are bounded before any forward pass."""
+"""A worker child's memory stays flat: native caches bounded before any forward pass (bound_native_memory), and
+every dtype's buffers brought to their high-water mark before its first real batch (Encoder warm-up)."""
 
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from workers import runtime
+from workers.encoder import Encoder
+from workers.protocol.model_info import resolve_model
 
 
 @pytest.fixture
@@ -33,3 +40,40 @@ def test_a_users_own_cache_sizes_win(clean_env: pytest.MonkeyPatch) -> None:
     runtime.bound_native_memory()
     assert os.environ["LRU_CACHE_CAPACITY"] == "1024"
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
+
+
+def test_a_dtype_a_job_asks_for_is_warmed_up_once_per_thread_before_its_first_batch(tiny_bert: Path) -> None:
+    # given a worker's encoder warmed up at start for its own dtype, fp32, with every forward pass recorded
+    # (a pass over nothing but padding is a warm-up: real rows start with [CLS])
+    encoder = Encoder.load(resolve_model(str(tiny_bert)), "cpu", runtime="torch", dtype="fp32")
+    encoder.warm_up(64, "fp32")
+    backend = encoder.backend("bf16")
+    calls: list[tuple[str, bool]] = []
+    real_embed = backend.embed
+
+    def recorded(input_ids: np.ndarray, mask: np.ndarray, pooling: str, dtype: str, *rest: Any) -> np.ndarray:
+        calls.append((dtype, bool((input_ids == encoder.pad_id).all())))
+        return real_embed(input_ids, mask, pooling, dtype, *rest)
+
+    backend.embed = recorded  # type: ignore[method-assign]
+    texts = ["a short sentence", "another, longer sentence about the weather in spring"]
+
+    # when a job asks for bf16 (a runtime compiles it on first use: its buffers would otherwise grow in steps)
+    encoder.encode(texts, dtype="bf16", batch_tokens=64)
+    # then bf16 is warmed up before its first real batch ...
+    assert calls[0] == ("bf16", True) and all(not warm for _, warm in calls[1:]), calls
+    # ... and only once: fp32, warmed at start, and bf16 again run real batches only
+    calls.clear()
+    encoder.encode(texts, dtype="bf16", batch_tokens=64)
+    encoder.encode(texts, dtype="fp32", batch_tokens=64)
+    assert calls and not any(warm for _, warm in calls), calls
+    # a larger batch budget, or another thread (OpenVINO keeps an infer request and its memory per thread),
+    # is warmed up again
+    calls.clear()
+    encoder.encode(texts, dtype="bf16", batch_tokens=128)
+    assert calls[0] == ("bf16", True), calls
+    calls.clear()
+    other = threading.Thread(target=encoder.encode, args=(texts,), kwargs={"dtype": "fp32", "batch_tokens": 64})
+    other.start()
+    other.join(timeout=60)
+    assert calls[0] == ("fp32", True) and all(not warm for _, warm in calls[1:]), calls
