@@ -60,15 +60,28 @@ class Row:
         return self.rows / self.seconds
 
 
+#: The instruction sets that decide matmul speed, strongest first (a hypervisor may hide some).
+MATMUL_ISA = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
 def cpu_model() -> str:
+    """The CPU's name, family/model and best matmul instruction set: "AMD EPYC" alone names CPUs that differ 2x."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor tells
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    isa = [flag for flag in MATMUL_ISA if flag in flags]
+    if "cpu family" not in fields or "model" not in fields:
+        return name
+    return f"{name} (family {fields['cpu family']} model {fields['model']}, {'+'.join(isa) or 'no AVX2'})"
 
 
 def token_lengths(texts: list[str], model_path: str, max_length: int) -> list[int]:
