@@ -77,3 +77,38 @@ def test_a_dtype_a_job_asks_for_is_warmed_up_once_per_thread_before_its_first_ba
     other.start()
     other.join(timeout=60)
     assert calls[0] == ("fp32", True) and all(not warm for _, warm in calls[1:]), calls
+
+
+def test_a_warm_up_that_runs_out_of_gpu_memory_is_given_up_once_and_the_batches_still_run(tiny_bert: Path) -> None:
+    # given an encoder whose forward pass runs out of memory past 64 tokens (injected: no GPU here), with a
+    # reference from an encoder without the fault
+    info = resolve_model(str(tiny_bert))
+    texts = ["a short sentence", "another, longer sentence about the weather in spring"]
+    reference = Encoder.load(info, "cpu").encode(texts, batch_tokens=512).embeddings
+    encoder = Encoder.load(info, "cpu")
+    backend = encoder.backend("fp32")
+    real_embed = backend.embed
+    warm_ups: list[int] = []
+
+    def small_memory(input_ids: np.ndarray, *rest: Any) -> np.ndarray:
+        if (input_ids == encoder.pad_id).all():
+            warm_ups.append(input_ids.size)
+        if input_ids.size > 64:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_embed(input_ids, *rest)
+
+    backend.embed = small_memory  # type: ignore[method-assign]
+    # when a request's budget is too big to warm up
+    rows = encoder.encode(texts, batch_tokens=512).embeddings
+    encoder.encode(texts, batch_tokens=512)
+    # then the warm-up was tried once, and the job's own batches ran, exactly
+    assert warm_ups == [512]
+    np.testing.assert_allclose(rows, reference, atol=1e-6)
+
+    # and any other failure of a warm-up is not hidden
+    def broken(input_ids: np.ndarray, *rest: Any) -> np.ndarray:
+        raise RuntimeError("the model's weights are corrupt")
+
+    backend.embed = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="corrupt"):
+        encoder.encode(texts, batch_tokens=1024)

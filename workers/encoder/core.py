@@ -182,8 +182,23 @@ class Encoder:
         """Warm up `dtype` in this thread before its first batch: a worker warms its own default dtype at start,
         and a job asking for another (bf16 on workers started as fp32) compiles that one on first use, whose
         buffers then grew in steps over hundreds of chunks (OpenVINO bf16, AMD EPYC: +22 MB at chunk 500)."""
-        if self._warmed.__dict__.get("budgets", {}).get(dtype, 0) < batch_tokens:
+        budgets: dict[str, int] = self._warmed.__dict__.setdefault("budgets", {})
+        if budgets.get(dtype, 0) >= batch_tokens:
+            return
+        try:
             self.warm_up(batch_tokens, dtype)
+        except (RuntimeError, MemoryError) as error:
+            # A budget too big for the GPU: the real batches split themselves on out-of-memory (`_run_batch`),
+            # so the job goes on; only the warm-up is given up, once.
+            if not is_out_of_memory(error):
+                raise
+            budgets[dtype] = batch_tokens
+            release_cache = getattr(self.backend(dtype), "release_cache", None)
+            if release_cache is not None:
+                release_cache()
+            log.warning(
+                "warm-up of %s at %d tokens per batch ran out of memory; batches split as needed", dtype, batch_tokens
+            )
 
     def tokenize(self, texts: Sequence[str], max_length: int, prompt: str = "") -> tuple[list[list[int]], int]:
         """Token ids per text, `prompt` prepended (truncated to `max_length`), and how many texts were truncated."""
