@@ -175,14 +175,19 @@ class Encoder:
         rows = max(1, batch_tokens // longest)
         input_ids = np.full((rows, longest), self.pad_id, dtype=np.int64)
         self.backend(chosen_dtype).embed(input_ids, np.ones_like(input_ids), "mean", chosen_dtype)
-        budgets: dict[str, int] = self._warmed.__dict__.setdefault("budgets", {})
+        budgets = self._warmed_budgets()
         budgets[chosen_dtype] = max(budgets.get(chosen_dtype, 0), batch_tokens)
+
+    def _warmed_budgets(self) -> dict[str, int]:
+        """This thread's dtype -> the largest batch budget warmed up."""
+        budgets: dict[str, int] = self._warmed.__dict__.setdefault("budgets", {})
+        return budgets
 
     def _warm_once(self, batch_tokens: int, dtype: str) -> None:
         """Warm up `dtype` in this thread before its first batch: a worker warms its own default dtype at start,
         and a job asking for another (bf16 on workers started as fp32) compiles that one on first use, whose
         buffers then grew in steps over hundreds of chunks (OpenVINO bf16, AMD EPYC: +22 MB at chunk 500)."""
-        budgets: dict[str, int] = self._warmed.__dict__.setdefault("budgets", {})
+        budgets = self._warmed_budgets()
         if budgets.get(dtype, 0) >= batch_tokens:
             return
         try:
