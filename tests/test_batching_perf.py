@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from producer.cli.main import build_parser, default_workers
+from producer.job.chunk_plan import auto_chunk_rows
 from workers.encoder.batching import pack_by_tokens, padded_tokens
 from workers.protocol.config import Settings
 from workers.protocol.model_info import default_model_path
@@ -29,8 +30,9 @@ def _sample_texts(limit: int | None = None) -> list[str]:
 def test_default_budget_and_chunk_size_pad_at_most_five_percent_on_the_sample() -> None:
     from transformers import AutoTokenizer
 
-    # given the sample corpus cut into chunks of the CLI's default size, as the producer does
-    chunk_rows = build_parser().parse_args(["embed", "in.jsonl", "-o", "out.npy"]).chunk_size
+    # given the sample corpus cut into chunks of the size `embedq embed` picks for it here, as the producer does
+    assert build_parser().parse_args(["embed", "in.jsonl", "-o", "out.npy"]).chunk_size is None  # auto
+    chunk_rows = auto_chunk_rows(len(_sample_texts()), default_workers())
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
     ids = tokenizer([t.strip() for t in _sample_texts()], truncation=True, max_length=256)["input_ids"]
     lengths = [len(row) for row in ids]

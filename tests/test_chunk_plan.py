@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from producer.job.chunk_plan import ChunkPlan
+from producer.job.chunk_plan import (
+    AUTO_MAX_ROWS,
+    AUTO_MIN_ROWS,
+    CHUNKS_PER_CHILD,
+    DEFAULT_CHUNK_ROWS,
+    ChunkPlan,
+    auto_chunk_rows,
+)
 from producer.job.dispatcher import SPECULATION_MULTIPLIER, Holding, straggler_threshold_s
 from producer.job.record import RUNNING, JobRecord
 from producer.job.status import job_status
@@ -23,6 +30,26 @@ def test_chunks_are_full_until_the_tail_then_shrink_and_cover_every_row_once() -
     for size in tail:
         assert size <= max(64, -(-(6000 - done) // 4))
         done += size
+
+
+@pytest.mark.parametrize("children", [1, 2, 3, 8])
+@pytest.mark.parametrize("total", [1, 700, 3000, 6000, 20_000, 1_000_000])
+def test_auto_chunk_size_gives_each_child_about_three_chunks_within_bounds(total: int, children: int) -> None:
+    rows = auto_chunk_rows(total, children)
+    assert AUTO_MIN_ROWS <= rows <= AUTO_MAX_ROWS
+    chunks = -(-total // rows)
+    if AUTO_MIN_ROWS < rows < AUTO_MAX_ROWS:
+        # inside the bounds: exactly enough chunks for CHUNKS_PER_CHILD each (the last may be short)
+        assert chunks == CHUNKS_PER_CHILD * children or chunks == CHUNKS_PER_CHILD * children - 1
+    elif rows == AUTO_MAX_ROWS:
+        assert chunks >= CHUNKS_PER_CHILD * children  # a large corpus: more chunks, never larger ones
+    assert auto_chunk_rows(total, children) == rows  # the same corpus and children: the same job id
+
+
+def test_auto_chunk_size_without_a_line_count_is_the_fixed_default() -> None:
+    assert auto_chunk_rows(None, 2) == DEFAULT_CHUNK_ROWS == 512
+    assert auto_chunk_rows(0, 2) == DEFAULT_CHUNK_ROWS
+    assert auto_chunk_rows(6000, 2) == 1000 and auto_chunk_rows(3000, 2) == 512  # never below the default
 
 
 def test_the_same_input_and_options_cut_the_same_chunks_wherever_a_run_starts_reading() -> None:

@@ -261,7 +261,7 @@ def test_every_flag_has_a_sentence_and_help_lists_exit_codes(tmp_path: Path) -> 
         for code, meaning in exitcodes.MEANINGS.items():
             assert f"{code:<4} {meaning}" in shown
     shown = embedq("embed", "--help", env=user_env(tmp_path)).stdout
-    assert "documents per task (default: 512)" in " ".join(shown.split())
+    assert "documents per task (default: about 3 chunks per local worker child" in " ".join(shown.split())
     assert "--text-field TEXT_FIELD" in shown and "--pooling {auto,cls,mean,max}" in shown
 
 

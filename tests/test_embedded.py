@@ -102,6 +102,21 @@ def test_embedded_run_completes_prints_the_summary_and_leaves_nothing(tiny_bert:
     run.assert_nothing_left()
 
 
+def test_without_chunk_size_the_job_gives_each_local_child_three_chunks(tiny_bert: Path, tmp_path: Path) -> None:
+    # given 4,000 documents, two local pool children and no --chunk-size
+    run = Run(tmp_path)
+    corpus = _corpus(tmp_path / "corpus.jsonl", 4000)
+    out = tmp_path / "out.npy"
+    # when it is embedded
+    result = run_embedq("embed", str(corpus), "-o", str(out), "--model", str(tiny_bert), "--workers", "2", env=run.env)
+    # then the chunks are sized from the corpus: ceil(4000 / (3 x 2)) = 667 rows, 6 chunks, every row written
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(Path(f"{out}.manifest.json").read_text())
+    assert (manifest["chunk_rows"], manifest["chunks"], manifest["rows"]) == (667, 6, 4000)
+    assert np.load(out).shape == (4000, 32)
+    run.assert_nothing_left()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_mid_job_stops_everything_and_exits_130(tiny_bert: Path, tmp_path: Path, signum: int) -> None:
     # given an embedded job of many small chunks, well under way (chunks are being written)

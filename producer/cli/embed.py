@@ -13,7 +13,7 @@ from producer.cli import exitcodes
 from producer.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
 from producer.cli.common import add_model_flags, default_workers, say, settings_from
 from producer.cli.vector_flags import add_vector_flags, vector_options
-from producer.job.chunk_plan import MIN_TAIL_ROWS
+from producer.job.chunk_plan import DEFAULT_CHUNK_ROWS, MIN_TAIL_ROWS, auto_chunk_rows
 from producer.job.quantize import PRECISIONS
 from workers.protocol import extras
 from workers.protocol.errors import ConfigError
@@ -58,9 +58,13 @@ def add_embed_command(sub: Any) -> None:
         action="store_false",
         help="with --broker: queue the job even if no worker consumes it yet (an autoscaler starts them)",
     )
-    # 512 (measured, README "Performance"): packs short texts to ~1.04x padding (256: 1.06x), its few Redis
-    # round trips cost milliseconds against seconds of compute, and 2 workers still get 3 chunks each of 3,000 texts.
-    embed.add_argument("--chunk-size", type=positive_int, default=512, help="documents per task")
+    # auto (measured, producer/job/chunk_plan.py): about 3 chunks per local pool child, 512-2048 rows.
+    embed.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=None,
+        help="documents per task (default: about 3 chunks per local worker child, 512-2048; 512 on --broker, stdin)",
+    )
     # 0 (measured, bench/command_vs_encoder.py: full 512-row chunks ran 1.27-1.28x the in-process encoder,
     # shrinking ones split 4 ways 0.95-1.23x in the same runs on a busy 2-core machine).
     embed.add_argument(
@@ -191,7 +195,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         # boots while the checks that read the input run and the first chunks are read and sent. Any error
         # from here on leaves the stack, which stops the workers and Valkey and removes their folder.
         cluster = stack.enter_context(_local_cluster(args, settings, model, workers)) if embedded else None
-        _check_input_and_output(args, model, vectors)
+        rows_hint = _check_input_and_output(args, model, vectors)
+        # The size is part of the job's identity: the same command, with the same --workers, resumes.
+        args.chunk_size = args.chunk_size or (auto_chunk_rows(rows_hint, workers) if embedded else DEFAULT_CHUNK_ROWS)
         options = _job_options(args, settings, model, vectors, workers)
         if cluster is None:
             report = _run_on_fleet(args, settings, options)
@@ -245,14 +251,18 @@ def _local_cluster(args: argparse.Namespace, settings: Settings, model: ModelInf
     )
 
 
-def _check_input_and_output(args: argparse.Namespace, model: ModelInfo, vectors: dict[str, Any]) -> None:
-    """The checks that read the input: room for the output, and (--on-invalid fail) the first records."""
+def _check_input_and_output(args: argparse.Namespace, model: ModelInfo, vectors: dict[str, Any]) -> int | None:
+    """The checks that read the input: room for the output, and (--on-invalid fail) the first records.
+
+    Returns the input's line count (None for stdin), which sizes the output and the chunks.
+    """
     from producer.job.preflight import check_first_records, check_output
     from producer.job.readers import count_lines
 
+    rows_hint = count_lines(args.input, args.input_format)
     check_output(
         args.output,
-        rows_hint=count_lines(args.input, args.input_format) or 0,
+        rows_hint=rows_hint or 0,
         dim=vectors["dimensions"] or model.dim,
         precision=args.precision,
     )
@@ -262,8 +272,9 @@ def _check_input_and_output(args: argparse.Namespace, model: ModelInfo, vectors:
             fmt=args.input_format,
             text_field=args.text_field,
             id_field=args.id_field,
-            limit=args.chunk_size,
+            limit=args.chunk_size or DEFAULT_CHUNK_ROWS,
         )
+    return rows_hint
 
 
 def _job_options(
