@@ -198,6 +198,33 @@ def test_resume_log_cut_short_by_a_crash_keeps_what_came_before(tmp_path: Path) 
     assert sorted(PartialOutput(str(out), 2, "jobA").finished) == [0, 1]
 
 
+def test_an_automatic_chunk_size_resumes_with_the_chunks_an_earlier_run_cut(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from producer.job.spec import JobOptions, job_id_for, with_earlier_chunk_rows
+
+    # given a run of 4,000 rows cut into chunks of 667 (two children), stopped after two chunks
+    corpus, out = tmp_path / "in.txt", tmp_path / "out.npy"
+    corpus.write_text("".join(f"text {i}\n" for i in range(4000)), encoding="utf-8")
+    earlier = JobOptions(model=resolve_model(""), chunk_rows=667)
+    partial = PartialOutput(str(out), earlier.output_dim, job_id_for(str(corpus), str(out), earlier))
+    for chunk in (0, 1):
+        record = ChunkRecord(chunk, chunk * 667, 667, 6670, 6670, 0, "fp32")
+        partial.write_chunk(record, np.ones((667, earlier.output_dim), np.float32))
+    partial.close()
+    # when the rerun's own automatic size differs (one child: 1,334 rows)
+    rerun = replace(earlier, chunk_rows=1334)
+    # then it takes the earlier run's chunks, so that its job id, and the finished chunks, are the same
+    resumed = with_earlier_chunk_rows(str(corpus), str(out), rerun)
+    assert resumed.chunk_rows == 667
+    again = PartialOutput(str(out), earlier.output_dim, job_id_for(str(corpus), str(out), resumed))
+    assert sorted(again.finished) == [0, 1]
+    again.close()
+    # and a rerun that is another job (another dtype), or one with no earlier run, keeps its own size
+    assert with_earlier_chunk_rows(str(corpus), str(out), replace(rerun, dtype="bf16")).chunk_rows == 1334
+    assert with_earlier_chunk_rows(str(corpus), str(tmp_path / "new.npy"), rerun).chunk_rows == 1334
+
+
 # -- settings ----------------------------------------------------------------------------------
 
 

@@ -162,6 +162,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from producer.job.fleet_model import job_model
     from producer.job.preflight import check_results
     from producer.job.readers import open_input
+    from producer.job.spec import with_earlier_chunk_rows
     from workers.protocol.store import parse_store_spec
 
     settings = settings_from(args)
@@ -196,9 +197,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         # from here on leaves the stack, which stops the workers and Valkey and removes their folder.
         cluster = stack.enter_context(_local_cluster(args, settings, model, workers)) if embedded else None
         rows_hint = _check_input_and_output(args, model, vectors)
-        # The size is part of the job's identity: the same command, with the same --workers, resumes.
+        auto_size = args.chunk_size is None
         args.chunk_size = args.chunk_size or (auto_chunk_rows(rows_hint, workers) if embedded else DEFAULT_CHUNK_ROWS)
         options = _job_options(args, settings, model, vectors, workers)
+        if auto_size:  # a rerun resumes with the chunks it cut before, whatever --workers says now
+            options = with_earlier_chunk_rows(args.input, args.output, options)
         if cluster is None:
             report = _run_on_fleet(args, settings, options)
         else:

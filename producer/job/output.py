@@ -61,6 +61,35 @@ class ChunkRecord:
     windows: int = 0
 
 
+def earlier_run(output: str) -> tuple[str, set[int]] | None:
+    """The job id of an unfinished earlier run that wrote OUTPUT, and the chunk sizes its finished chunks fit.
+
+    None when there is no such run. A size is a guess (chunk 0's rows; a later chunk's start over its index)
+    that the caller checks against the job id: an automatic chunk size follows the child count, so a rerun
+    given other --workers finds here the size that lets it resume (producer/job/spec.py).
+    """
+    log_path = Path(f"{output}.partial.log")
+    if not (log_path.exists() and Path(f"{output}.partial").exists()):
+        return None
+    with open(log_path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    try:
+        job = str(json.loads(lines[0])["job"])
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+    sizes: set[int] = set()
+    for line in lines[1:]:
+        try:
+            record = ChunkRecord(**json.loads(line))
+        except (ValueError, TypeError):
+            break  # a line cut short by a crash, as in PartialOutput._read_log
+        if record.chunk == 0:
+            sizes.add(record.rows)
+        elif record.start % record.chunk == 0:
+            sizes.add(record.start // record.chunk)
+    return job, sizes
+
+
 class PartialOutput:
     """The files of one job in progress, and what a previous run of the same job already finished."""
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from producer.job.chunk_plan import MIN_TAIL_ROWS
@@ -132,3 +132,22 @@ def job_id_for(input_path: str, output: str, options: JobOptions) -> str:
         "fields": [options.text_field, options.id_field, options.input_format, options.on_invalid],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_earlier_chunk_rows(input_path: str, output: str, options: JobOptions) -> JobOptions:
+    """`options` with the chunk size of an unfinished earlier run of this same job, when there is one.
+
+    `--chunk-size` auto follows the number of local pool children, and the chunk size is part of the job id:
+    without this, a rerun given other --workers would cut other chunks and start over instead of resuming.
+    """
+    from producer.job.output import earlier_run
+
+    earlier = None if input_path == "-" else earlier_run(output)
+    if earlier is None:
+        return options
+    job, sizes = earlier
+    for rows in sorted(sizes):
+        candidate = replace(options, chunk_rows=rows)
+        if job_id_for(input_path, output, candidate) == job:
+            return candidate
+    return options
