@@ -37,8 +37,8 @@ def auto_chunk_rows(total: int | None, children: int) -> int:
     """--chunk-size auto: about `CHUNKS_PER_CHILD` chunks per pool child, within the bounds above.
 
     `total` is the corpus's line count (None when unknown: DEFAULT_CHUNK_ROWS). The size is part of the job's
-    identity, so it depends only on the corpus and the child count, never on timing: a rerun with the same
-    count resumes.
+    identity, so it depends only on the corpus and the child count, never on timing; a rerun with another child
+    count takes the size its earlier run cut (producer/job/spec.py `with_earlier_chunk_rows`).
     """
     if not total:
         return DEFAULT_CHUNK_ROWS
