@@ -61,6 +61,31 @@ class ChunkRecord:
     windows: int = 0
 
 
+def read_resume_log(output: str) -> tuple[dict[str, Any], list[ChunkRecord]] | None:
+    """The header and finished chunks that an unfinished run wrote for OUTPUT; None when there are none.
+
+    A line cut short by a crash ends the list: everything before it is sound.
+    """
+    log_path, data_path = Path(f"{output}.partial.log"), Path(f"{output}.partial")
+    if not (log_path.exists() and data_path.exists()):
+        return None
+    with open(log_path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    records: list[ChunkRecord] = []
+    for line in lines[1:]:
+        try:
+            records.append(ChunkRecord(**json.loads(line)))
+        except (ValueError, TypeError):
+            break
+    return header, records
+
+
 def earlier_run(output: str) -> tuple[str, set[int]] | None:
     """The job id of an unfinished earlier run that wrote OUTPUT, and the chunk sizes its finished chunks fit.
 
@@ -68,26 +93,12 @@ def earlier_run(output: str) -> tuple[str, set[int]] | None:
     that the caller checks against the job id: an automatic chunk size follows the child count, so a rerun
     given other --workers finds here the size that lets it resume (producer/job/spec.py).
     """
-    log_path = Path(f"{output}.partial.log")
-    if not (log_path.exists() and Path(f"{output}.partial").exists()):
+    log = read_resume_log(output)
+    if log is None or "job" not in log[0]:
         return None
-    with open(log_path, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    try:
-        job = str(json.loads(lines[0])["job"])
-    except (IndexError, KeyError, TypeError, ValueError):
-        return None
-    sizes: set[int] = set()
-    for line in lines[1:]:
-        try:
-            record = ChunkRecord(**json.loads(line))
-        except (ValueError, TypeError):
-            break  # a line cut short by a crash, as in PartialOutput._read_log
-        if record.chunk == 0:
-            sizes.add(record.rows)
-        elif record.start % record.chunk == 0:
-            sizes.add(record.start // record.chunk)
-    return job, sizes
+    header, records = log
+    sizes = {r.rows if r.chunk == 0 else r.start // r.chunk for r in records if r.chunk == 0 or r.start % r.chunk == 0}
+    return str(header["job"]), sizes
 
 
 class PartialOutput:
@@ -117,24 +128,13 @@ class PartialOutput:
         self._rejects: IO[str] | None = None
 
     def _read_log(self) -> dict[int, ChunkRecord]:
-        if not (self.log_path.exists() and self.data_path.exists()):
+        log = read_resume_log(str(self.output))
+        if log is None:
             return {}
-        with open(self.log_path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-        try:
-            header = json.loads(lines[0])
-        except (IndexError, ValueError):
-            return {}
+        header, records = log
         if header.get("job") != self.job_id or header.get("dim") != self.dim:
             return {}  # a different job wrote these files: start over
-        finished: dict[int, ChunkRecord] = {}
-        for line in lines[1:]:
-            try:
-                record = ChunkRecord(**json.loads(line))
-            except (ValueError, TypeError):
-                break  # a line cut short by a crash: everything before it is sound
-            finished[record.chunk] = record
-        return finished
+        return {record.chunk: record for record in records}
 
     def _start_fresh(self) -> None:
         with open(self.data_path, "wb") as data:
